@@ -1,0 +1,284 @@
+"""The ``sadra`` command line: a thin layer over the Python API.
+
+Bad input prints one line, ``sadra: error: <problem>; <fix>``, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import SadraError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"sadra: error: {message}; see '{self.prog} --help'\n")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--glue-dir", default=None, help="local GLUE folder (original TSV layout); default: $SADRA_GLUE_DIR, else the hub")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="sadra", description="Curvature-aware LoRA rank allocation: probe, allocate, train, benchmark.")
+    parser.add_argument("--version", action="version", version=f"sadra {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("probe", help="estimate per-module curvature on calibration batches")
+    p.add_argument("--model", default="minilm", help="'minilm' (default, offline), a local folder or a hub id")
+    p.add_argument("--task", default=None, help="GLUE task whose train split gives the calibration batches")
+    p.add_argument("--text-file", default=None, help="causal LM: a text file, one document per line")
+    _add_data_args(p)
+    p.add_argument("--estimator", default="hutchinson", help="hutchinson (default) or fisher")
+    p.add_argument("--mode", default="per_module", help="Hutchinson mode: per_module (default) or joint")
+    p.add_argument("--max-probes", type=_positive_int, default=64)
+    p.add_argument("--rtol", type=_non_negative_float, default=0.1, help="stop when every module's s.e./|mean| <= rtol")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--num-batches", type=_positive_int, default=4)
+    p.add_argument("--max-length", type=_positive_int, default=128)
+    p.add_argument("--head-warmup-steps", type=_non_negative_int, default=50)
+    p.add_argument("--targets", nargs="+", default=None, help="module names or regexes (default: every linear map in the blocks)")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--out", required=True, help="where to write the probe report (JSON)")
+
+    a = sub.add_parser("allocate", help="allocate ranks from a probe report under a parameter budget")
+    a.add_argument("probe", help="probe report written by 'sadra probe'")
+    a.add_argument("--budget", default="lora-r8", help="'lora-r<k>' (uniform rank k on the same modules) or a parameter count")
+    a.add_argument("--base-rank", type=_positive_int, default=8)
+    a.add_argument("--min-rank", type=_non_negative_int, default=2)
+    a.add_argument("--max-rank", type=_positive_int, default=32)
+    a.add_argument("--prune", action="store_true", help="allow rank 0 (no adapter) for the flattest modules")
+    a.add_argument("--normalize", default="none", help="none (raw trace) or per_param (trace per weight)")
+    a.add_argument("--power", type=float, default=1.0, help="allocate in proportion to score**power")
+    a.add_argument("--out", default=None, help="where to write the allocation (JSON)")
+    a.add_argument("--plot", default=None, help="also draw the allocation as a heatmap PNG")
+
+    t = sub.add_parser("train", help="fine-tune one (task, method, seed) and evaluate it")
+    t.add_argument("--task", required=True)
+    t.add_argument("--method", required=True, help="full, lora, sadra, sadra-fisher, adalora, eva or random")
+    t.add_argument("--seed", type=_non_negative_int, default=0)
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--preset", default=None, help="take settings from a preset (smoke, cpu, paper)")
+    t.add_argument("--config", default=None, help="YAML file of settings")
+    _add_data_args(t)
+    t.add_argument("--model", default=None)
+    t.add_argument("--max-train-samples", type=_positive_int, default=None)
+    t.add_argument("--max-eval-samples", type=_positive_int, default=None)
+    t.add_argument("--trust-remote-code", action="store_true")
+    t.add_argument("--preset-name", default=None, help=argparse.SUPPRESS)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.epochs=2")
+
+    b = sub.add_parser("benchmark", help="run the grid tasks x methods x seeds")
+    b.add_argument("--preset", default=None, help="smoke (default), cpu or paper")
+    b.add_argument("--config", default=None, help="YAML benchmark config instead of a preset")
+    b.add_argument("--tasks", nargs="+", default=None)
+    b.add_argument("--methods", nargs="+", default=None)
+    b.add_argument("--seeds", nargs="+", type=_non_negative_int, default=None)
+    _add_data_args(b)
+    b.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.epochs=2 per_method.full.train.learning_rate=5e-5")
+
+    r = sub.add_parser("report", help="write report.md and figures for a benchmark folder")
+    r.add_argument("folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"probe": cmd_probe, "allocate": cmd_allocate, "train": cmd_train,
+                "benchmark": cmd_benchmark, "report": cmd_report}[args.command](args)
+    except SadraError as exc:
+        msg = " ".join(str(exc).split())
+        print(f"sadra: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sadra: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def cmd_probe(args) -> int:
+    from .data import calibration_batches, get_task, load_glue
+    from .io import ensure_dir
+    from .models import load_probe_model
+    from .probe import estimate_sensitivity
+
+    out = Path(args.out)
+    ensure_dir(out.parent if str(out.parent) else ".", "output folder")
+    if args.text_file:
+        from .lm import load_text_batches
+
+        model, tokenizer = load_probe_model(args.model, task="causal-lm", trust_remote_code=args.trust_remote_code)
+        batches = load_text_batches(args.text_file, tokenizer, num_batches=args.num_batches, batch_size=args.batch_size,
+                                    max_length=args.max_length, seed=args.seed)
+        task_name = None
+    else:
+        spec = get_task(args.task or "sst2")
+        rows = load_glue(spec, "train", args.glue_dir)
+        model, tokenizer = load_probe_model(args.model, spec.num_labels, seed=args.seed, trust_remote_code=args.trust_remote_code)
+        batches = calibration_batches(rows, tokenizer, num_batches=args.num_batches, batch_size=args.batch_size,
+                                      max_length=args.max_length, seed=args.seed)
+        task_name = spec.name
+    report = estimate_sensitivity(
+        model, batches, targets=args.targets, estimator=args.estimator, mode=args.mode, max_probes=args.max_probes,
+        rtol=args.rtol, seed=args.seed, head_warmup_steps=0 if args.text_file else args.head_warmup_steps,
+        progress=sys.stderr.isatty())
+    report.model = args.model
+    report.meta["task"] = task_name
+    report.save(out)
+    rel = sorted(report.relative_stderr.values())
+    print(f"probed {len(report.scores)} modules with {report.estimator} in {report.seconds:.1f} s "
+          f"({report.probes} probes, median relative s.e. {rel[len(rel) // 2]:.3f}); wrote {out}")
+    return 0
+
+
+def cmd_allocate(args) -> int:
+    from .allocate import allocate_ranks
+    from .probe import SensitivityReport
+
+    report = SensitivityReport.load(args.probe)
+    alloc = allocate_ranks(report, budget=args.budget, base_rank=args.base_rank, min_rank=args.min_rank,
+                           max_rank=args.max_rank, prune=args.prune, normalize=args.normalize, power=args.power)
+    print(alloc.table())
+    if args.out:
+        alloc.save(args.out)
+        print(f"wrote {args.out}")
+    if args.plot:
+        from .report import plot_allocation
+
+        plot_allocation(alloc.ranks, alloc.shapes, args.plot, title=f"SADRA ranks ({report.estimator})",
+                        budget=alloc.budget, base_rank=alloc.base_rank)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _run_settings(args) -> tuple[dict, str | None]:
+    from .config import BenchmarkConfig, load_benchmark_config, load_yaml, merge_run, RUN_DEFAULTS
+
+    if args.config and args.preset:
+        from .errors import ConfigError
+
+        raise ConfigError("give --preset or --config, not both")
+    if args.preset:
+        cfg = load_benchmark_config(preset=args.preset)
+        settings = cfg.resolve(*_task_method(args))
+        preset = args.preset
+    elif args.config:
+        data = load_yaml(args.config)
+        grid_keys = {"name", "tasks", "methods", "seeds", "per_task", "per_method"}
+        if grid_keys & set(data):
+            settings = BenchmarkConfig(data, where=args.config).resolve(*_task_method(args))
+        else:
+            settings = merge_run(RUN_DEFAULTS, data, args.config)
+        preset = None
+    else:
+        settings = merge_run(RUN_DEFAULTS, {}, "defaults")
+        preset = None
+    direct = {}
+    for key in ("glue_dir", "model", "max_train_samples", "max_eval_samples"):
+        value = getattr(args, key, None)
+        if value is not None:
+            direct[key] = value
+    if args.trust_remote_code:
+        direct["trust_remote_code"] = True
+    settings = merge_run(settings, direct, "command line")
+    from .config import nest, parse_override
+
+    for text in args.overrides:
+        keys, value = parse_override(text)
+        settings = merge_run(settings, nest(keys, value), f"override {text!r}")
+    return settings, preset
+
+
+def _task_method(args) -> tuple[str, str]:
+    from .config import check_method
+    from .data import get_task
+
+    return get_task(args.task).name, check_method(args.method)
+
+
+def cmd_train(args) -> int:
+    from .train import run_glue
+
+    task, method = _task_method(args)
+    settings, preset = _run_settings(args)
+    record = run_glue(task, method, args.seed, args.out, settings, progress=not args.quiet,
+                      preset=args.preset_name or preset)
+    metric = record["main_metric"]
+    print(f"{task} {method} seed {args.seed}: {metric} {record['metrics'][metric]:.4f} "
+          f"({record['trainable_params']:,} trainable; train {record['train_seconds']:.0f} s); wrote {args.out}/metrics.json")
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from .benchmark import run_benchmark
+    from .config import load_benchmark_config
+
+    overrides = list(args.overrides)
+    if args.tasks:
+        overrides.append("tasks=" + ",".join(args.tasks))
+    if args.methods:
+        overrides.append("methods=" + ",".join(args.methods))
+    if args.seeds:
+        overrides.append("seeds=" + ",".join(str(s) for s in args.seeds))
+    if args.glue_dir:
+        overrides.append(f"glue_dir={args.glue_dir}")
+    cfg = load_benchmark_config(args.preset, args.config, overrides)
+    out = Path(args.out or os.path.join("runs", cfg.name))
+    run_benchmark(cfg, out, progress=not args.quiet)
+    print(f"wrote {out / 'results.jsonl'} and {out / 'results.md'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.folder)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,345 @@
+"""Run and benchmark settings: one schema, YAML presets, config files and key=value overrides.
+
+Every setting has a default here; a preset or config file overrides some of them; ``key=value``
+on the command line (dotted keys, YAML values) overrides any field last. An unknown key is an
+error that suggests the nearest known one, and every value is checked against its default's
+type, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+METHODS = ("full", "lora", "sadra", "sadra-fisher", "adalora", "eva", "random")
+PRESETS = ("smoke", "cpu", "paper")
+
+# The run schema. None marks "optional"; the allowed type is then given in _OPTIONAL_TYPES.
+RUN_DEFAULTS: dict[str, Any] = {
+    "model": "minilm",
+    "glue_dir": None,
+    "trust_remote_code": False,
+    "max_length": 128,
+    "max_train_samples": None,
+    "max_eval_samples": None,
+    "data_seed": 0,
+    "train": {
+        "epochs": 3.0,
+        "learning_rate": 5e-4,
+        "batch_size": 32,
+        "eval_batch_size": 64,
+        "grad_accum": 1,
+        "weight_decay": 0.01,
+        "warmup_ratio": 0.06,
+        "lr_scheduler": "linear",
+        "max_grad_norm": 1.0,
+        "logging_steps": 10,
+        "save_steps": 200,
+        "save_total_limit": 1,
+        "gradient_checkpointing": False,
+        "threads": None,
+        "evals_per_epoch": 1,
+    },
+    "lora": {"r": 8, "alpha": 16.0, "dropout": 0.1},
+    "probe": {
+        "estimator": "hutchinson",
+        "mode": "per_module",
+        "num_batches": 4,
+        "batch_size": 16,
+        "max_probes": 16,
+        "min_probes": 3,
+        "rtol": 0.1,
+        "probes_per_batch": 1,
+        "head_warmup_steps": 50,
+        "head_warmup_lr": 1e-3,
+    },
+    "allocate": {
+        "min_rank": 2,
+        "max_rank": 32,
+        "prune": False,
+        "normalize": "none",
+        "power": 1.0,
+        "alpha_ratio": 2.0,
+        "use_rslora": False,
+    },
+    "adalora": {
+        "init_r": 12,
+        "target_r": 8,
+        "alpha": 16.0,
+        "tinit_ratio": 0.1,
+        "tfinal_ratio": 0.3,
+        "deltaT": 10,
+        "beta1": 0.85,
+        "beta2": 0.85,
+        "orth_reg_weight": 0.1,
+    },
+    "eva": {"rho": 2.0, "tau": 0.99, "num_batches": 8, "batch_size": 16, "whiten": False, "adjust_scaling_factors": True},
+}
+
+_OPTIONAL_TYPES = {
+    "glue_dir": (str,),
+    "max_train_samples": (int,),
+    "max_eval_samples": (int,),
+    "train.threads": (int,),
+}
+
+_POSITIVE = {
+    "max_length", "max_train_samples", "max_eval_samples", "train.batch_size", "train.eval_batch_size",
+    "train.grad_accum", "train.logging_steps", "train.save_steps", "train.epochs", "train.threads",
+    "train.evals_per_epoch", "train.learning_rate",
+    "lora.r", "probe.num_batches", "probe.batch_size", "probe.max_probes", "probe.min_probes",
+    "probe.probes_per_batch", "allocate.max_rank", "allocate.power", "allocate.alpha_ratio",
+    "adalora.init_r", "adalora.target_r", "adalora.deltaT", "eva.num_batches", "eva.batch_size", "eva.rho",
+}
+_NON_NEGATIVE = {
+    "data_seed", "train.weight_decay", "train.warmup_ratio", "train.max_grad_norm", "train.save_total_limit",
+    "lora.dropout", "probe.rtol", "probe.head_warmup_steps", "probe.head_warmup_lr", "allocate.min_rank",
+    "adalora.tinit_ratio", "adalora.tfinal_ratio", "adalora.orth_reg_weight", "adalora.beta1", "adalora.beta2",
+    "lora.alpha", "adalora.alpha",
+}
+_CHOICES = {
+    "probe.estimator": ("hutchinson", "fisher"),
+    "probe.mode": ("per_module", "joint"),
+    "allocate.normalize": ("none", "per_param"),
+    "train.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
+}
+
+# A benchmark config is a run config plus the grid and per-task / per-method overrides.
+GRID_DEFAULTS: dict[str, Any] = {
+    "name": "custom",
+    "tasks": ["sst2", "mrpc", "qnli"],
+    "methods": list(METHODS),
+    "seeds": [0],
+}
+_GRID_KEYS = ("name", "tasks", "methods", "seeds", "per_task", "per_method")
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+
+
+def _check_value(path: str, value: Any, default: Any) -> Any:
+    if value is None:
+        if default is None:
+            return None
+        raise ConfigError(f"{path} cannot be empty; give a value like {default!r}")
+    expected: tuple[type, ...]
+    if default is None:
+        expected = _OPTIONAL_TYPES.get(path, (str,))
+    else:
+        expected = (type(default),)
+    if float in expected and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if float in expected and isinstance(value, str):
+        try:  # YAML 1.1 reads 5e-4 (no dot) as text
+            value = float(value)
+        except ValueError:
+            pass
+    if bool not in expected and isinstance(value, bool) or not isinstance(value, expected):
+        names = "/".join(t.__name__ for t in expected)
+        raise ConfigError(f"{path} must be {names}, got {value!r}; e.g. {path}={default if default is not None else 1}")
+    if isinstance(value, float) and value != value:
+        raise ConfigError(f"{path} is NaN; give a number")
+    if path in _POSITIVE and isinstance(value, (int, float)) and value <= 0:
+        raise ConfigError(f"{path} must be positive, got {value!r}")
+    if path in _NON_NEGATIVE and isinstance(value, (int, float)) and value < 0:
+        raise ConfigError(f"{path} must not be negative, got {value!r}")
+    if path in _CHOICES and value not in _CHOICES[path]:
+        raise ConfigError(f"{path} must be one of {', '.join(_CHOICES[path])}, got {value!r}")
+    return value
+
+
+def merge_run(base: dict[str, Any], override: Mapping[str, Any], where: str = "config", prefix: str = "") -> dict[str, Any]:
+    """``base`` updated by ``override``, both shaped like RUN_DEFAULTS; checks every key and type."""
+    if not isinstance(override, Mapping):
+        raise ConfigError(f"{where}: {prefix or 'the config'} must be a mapping of settings, got {override!r}")
+    out = copy.deepcopy(base)
+    schema = _schema_at(prefix)
+    for key, value in override.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in schema:
+            raise ConfigError(f"{where}: unknown key {path!r}{_suggest(str(key), list(schema))}")
+        if isinstance(schema[key], dict):
+            out[key] = merge_run(out[key], value, where, path)
+        else:
+            out[key] = _check_value(path, value, schema[key])
+    return out
+
+
+def _schema_at(prefix: str) -> dict[str, Any]:
+    node: Any = RUN_DEFAULTS
+    for part in filter(None, prefix.split(".")):
+        node = node[part]
+    return node
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.learning_rate=1e-3"`` -> (['train', 'learning_rate'], 0.001)."""
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value; write e.g. train.epochs=2")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key; write e.g. train.epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r} has a value that is not valid YAML; quote strings, e.g. model='my/model'") from None
+    if isinstance(value, str) and raw.strip().lower() in ("nan", ".nan"):
+        value = float("nan")
+    return key.split("."), value
+
+
+def nest(keys: list[str], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for k in reversed(keys):
+        out = {k: out}
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; check the path")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def preset_path(name: str) -> Path:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}, or pass --config FILE")
+    return Path(str(resources.files("sadra") / "presets" / f"{name}.yaml"))
+
+
+class BenchmarkConfig:
+    """A grid (tasks x methods x seeds) and the settings of each of its runs."""
+
+    def __init__(self, data: Mapping[str, Any] | None = None, where: str = "config"):
+        data = dict(data or {})
+        grid = copy.deepcopy(GRID_DEFAULTS)
+        run_part = {k: v for k, v in data.items() if k not in _GRID_KEYS}
+        for key in ("name", "tasks", "methods", "seeds"):
+            if key in data:
+                grid[key] = data[key]
+        self.where = where
+        self.name = str(grid["name"])
+        self.tasks = _check_list("tasks", grid["tasks"], str, where)
+        self.methods = _check_list("methods", grid["methods"], str, where)
+        self.seeds = _check_list("seeds", grid["seeds"], int, where)
+        from .data import get_task
+
+        self.tasks = [get_task(t).name for t in self.tasks]
+        for m in self.methods:
+            check_method(m)
+        if any(s < 0 for s in self.seeds):
+            raise ConfigError(f"{where}: seeds must be non-negative integers, got {self.seeds}")
+        self.run = merge_run(RUN_DEFAULTS, run_part, where)
+        self.per_task = self._overrides(data.get("per_task") or {}, "per_task", where)
+        self.per_method = self._overrides(data.get("per_method") or {}, "per_method", where)
+
+    def _overrides(self, table: Any, label: str, where: str) -> dict[str, dict[str, Any]]:
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: {label} must map names to settings")
+        out = {}
+        for name, settings in table.items():
+            if label == "per_task":
+                from .data import get_task
+
+                name = get_task(name).name
+            else:
+                check_method(name)
+            merge_run(RUN_DEFAULTS, settings or {}, where, "")  # validate now, not mid-benchmark
+            out[name] = settings or {}
+        return out
+
+    def apply(self, overrides: list[str]) -> None:
+        """Apply ``key=value`` strings. Grid keys (tasks, methods, seeds) take lists or a1,a2."""
+        for text in overrides:
+            keys, value = parse_override(text)
+            if keys[0] in ("tasks", "methods", "seeds") and len(keys) == 1:
+                items = value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
+                kind = int if keys[0] == "seeds" else str
+                values = _check_list(keys[0], [int(v) if kind is int and str(v).lstrip("-").isdigit() else v for v in items],
+                                     kind, f"override {text!r}")
+                if keys[0] == "tasks":
+                    from .data import get_task
+
+                    values = [get_task(t).name for t in values]
+                elif keys[0] == "methods":
+                    values = [check_method(m) for m in values]
+                elif any(s < 0 for s in values):
+                    raise ConfigError(f"override {text!r}: seeds must be non-negative integers")
+                setattr(self, keys[0], values)
+            elif keys[0] in ("per_task", "per_method") and len(keys) >= 3:
+                table = getattr(self, keys[0])
+                name = keys[1]
+                entry = copy.deepcopy(table.get(name, {}))
+                _deep_set(entry, keys[2:], value)
+                table.update(self._overrides({name: entry}, keys[0], f"override {text!r}"))
+            elif keys[0] == "name" and len(keys) == 1:
+                self.name = str(value)
+            else:
+                self.run = merge_run(self.run, nest(keys, value), f"override {text!r}")
+
+    def resolve(self, task: str, method: str) -> dict[str, Any]:
+        """The settings of one run: base <- per_task[task] <- per_method[method]."""
+        run = merge_run(self.run, self.per_task.get(task, {}), self.where)
+        return merge_run(run, self.per_method.get(method, {}), self.where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "tasks": self.tasks, "methods": self.methods, "seeds": self.seeds,
+                **self.run, "per_task": self.per_task, "per_method": self.per_method}
+
+
+def _deep_set(d: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def _check_list(label: str, value: Any, kind: type, where: str) -> list:
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: {label} must be a non-empty list, got {value!r}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, kind):
+            raise ConfigError(f"{where}: {label} must list {kind.__name__} values, got {v!r}")
+    return list(dict.fromkeys(value))
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        close = difflib.get_close_matches(str(method), METHODS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown method {method!r}; {hint}choose one of: {', '.join(METHODS)}")
+    return method
+
+
+def load_benchmark_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] | None = None) -> BenchmarkConfig:
+    if preset and config_file:
+        raise ConfigError("give --preset or --config, not both")
+    if config_file:
+        cfg = BenchmarkConfig(load_yaml(config_file), where=str(config_file))
+    else:
+        name = preset or "smoke"
+        cfg = BenchmarkConfig(load_yaml(preset_path(name)), where=f"preset {name}")
+    cfg.apply(list(overrides or []))
+    return cfg

