@@ -317,8 +317,12 @@ def allocate_ranks(
     w = np.zeros_like(raw)
     if valid.any():
         # Scale to max 1 before the power so that 1e300 or 1e-300 scores neither overflow nor vanish.
-        w[valid] = (raw[valid] / raw[valid].max()) ** power
-        w[valid & ~np.isfinite(w)] = 0.0
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            w[valid] = (raw[valid] / raw[valid].max()) ** power
+        # Weights this far below the largest cannot earn a rank step of their own; treating them as
+        # zero keeps every breakpoint min_rank / w finite. The greedy fill still tops them up if the
+        # budget has nowhere else to go.
+        w[~np.isfinite(w) | (w < 1e-200)] = 0.0
 
     invalid_idx = [i for i in range(len(names)) if not valid[i]]
     pruned = set(invalid_idx) if prune else set()

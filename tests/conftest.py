@@ -1,0 +1,58 @@
+"""Shared fixtures: the real default model, the real GLUE folder (through SADRA_GLUE_DIR)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def glue_dir_setting() -> Path:
+    value = os.environ.get("SADRA_GLUE_DIR")
+    if not value:
+        pytest.fail("set SADRA_GLUE_DIR to the GLUE folder (e.g. SADRA_GLUE_DIR=../shared/glue), as the README's test command does")
+    path = Path(value).resolve()
+    if not (path / "SST-2" / "train.tsv").is_file():
+        pytest.fail(f"SADRA_GLUE_DIR={value} does not hold SST-2/train.tsv")
+    return path
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    return glue_dir_setting()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from sadra.models import load_model
+
+    model, tokenizer = load_model("minilm", 2, seed=0)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def sst2_rows(glue_dir):
+    from sadra.data import load_glue
+
+    return load_glue("sst2", "train", glue_dir)
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600):
+    """Run ``python -m sadra ARGS``; returns the CompletedProcess (text)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "sadra", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=full_env, timeout=timeout)
+
+
+def assert_one_line_error(proc, *needles):
+    """Exit 2, one line on stderr starting 'sadra: error:', no traceback, naming each needle."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("sadra: error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle.lower() in errors[0].lower(), (needle, errors[0])
+    return errors[0]
