@@ -1,8 +1,10 @@
 """Shared fixtures: the real default model, the real GLUE folder (through SADRA_GLUE_DIR)."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,44 @@ def assert_one_line_error(proc, *needles):
     for needle in needles:
         assert needle.lower() in errors[0].lower(), (needle, errors[0])
     return errors[0]
+
+
+SMOKE_CELLS = 21
+
+
+def start_benchmark(out, glue_dir, log):
+    """The smoke benchmark in its own process group, output to ``log`` (a pipe could fill and block it)."""
+    env = dict(os.environ, SADRA_GLUE_DIR=str(glue_dir))
+    return subprocess.Popen([sys.executable, "-m", "sadra", "benchmark", "--preset", "smoke", "--out", str(out), "--quiet"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def count_lines(path):
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.fixture(scope="session")
+def smoke_out(tmp_path_factory, glue_dir):
+    out = tmp_path_factory.mktemp("smoke")
+    results = out / "results.jsonl"
+    first_log = out.parent / "smoke-first.log"
+    with open(first_log, "w") as log:
+        proc = start_benchmark(out, glue_dir, log)
+    deadline = time.time() + 900
+    while count_lines(results) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, first_log.read_text()[-3000:]
+    time.sleep(3)  # land the kill inside the next cell's training
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = count_lines(results)
+    assert 3 <= killed_at < SMOKE_CELLS
+    second_log = out.parent / "smoke-second.log"
+    with open(second_log, "w") as log:
+        rerun = start_benchmark(out, glue_dir, log)
+        rerun.wait(timeout=1800)
+    output = second_log.read_text()
+    assert rerun.returncode == 0, output[-4000:]
+    return out, killed_at, output
+
+

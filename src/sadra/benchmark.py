@@ -42,6 +42,10 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = Tru
     """Run every missing cell of the grid; returns all records in ``out/results.jsonl``."""
     from tqdm.auto import tqdm
 
+    from .data import check_glue_folder
+
+    for task in cfg.tasks:  # fail before any run starts, not hours in
+        check_glue_folder(task, cfg.resolve(task, cfg.methods[0])["glue_dir"])
     out = ensure_dir(out, "benchmark output folder")
     results_path = out / "results.jsonl"
     write_json(out / "benchmark_config.json", cfg.to_dict())

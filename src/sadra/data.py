@@ -199,6 +199,25 @@ def _load_from_hub(spec: TaskSpec, split: str) -> list[Example]:
     return [Example(row[a], row[b] if b else None, row["label"]) for row in ds]
 
 
+def check_glue_folder(task: str | TaskSpec, glue_dir: str | os.PathLike | None) -> None:
+    """Fail fast, before any training, if a local GLUE folder lacks a file or has a wrong header."""
+    spec = task if isinstance(task, TaskSpec) else get_task(task)
+    root = glue_dir_from_env(glue_dir)
+    if root is None:
+        return
+    for split in split_names(spec):
+        files = {"train": "train.tsv", **dict(spec.eval_splits)}
+        path = root / spec.folder / files[split]
+        if not root.is_dir():
+            raise DataError(f"GLUE folder {str(root)!r} does not exist; pass --glue-dir or set {GLUE_ENV} to a folder holding {spec.folder}/")
+        if not path.is_file():
+            raise DataError(f"GLUE file {str(path)!r} is missing; the folder must hold {spec.folder}/{files[split]} in GLUE's layout")
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+        cut = head.rfind(b"\n")
+        parse_glue_tsv(head[: cut + 1] if cut > 0 else head, spec, source=str(path))
+
+
 def subsample(examples: Sequence[Example], n: int | None, seed: int) -> list[Example]:
     """A seeded random subset of ``n`` rows in their original order (all rows if n is None)."""
     if n is None or n >= len(examples):

@@ -1,0 +1,340 @@
+"""Figures and ``report.md`` for a benchmark folder (matplotlib, Agg backend: no display needed).
+
+``write_report(folder)`` reads ``results.jsonl`` and the run folders and writes, next to
+``results.md``:
+
+* ``loss_<task>.png``         training loss against step, one line per method (mean over seeds,
+                              min-max band)
+* ``ranks_<task>.png``        rank heatmaps (layers down, module types across) for each SADRA
+                              variant, the random control, EVA and AdaLoRA's final ranks
+* ``sensitivity_<task>.png``  per-module curvature with standard-error bars, one panel per estimator
+* ``metrics.png``             the main metric per task and method, error bars over seeds, LoRA marked
+* ``report.md``               all of the above with the results table and a list of missing runs
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .config import METHODS
+from .io import atomic_write_text, ensure_dir, read_jsonl
+from .models import MODULE_TYPES, describe_module
+
+# Okabe-Ito: distinguishable with the common forms of colour blindness.
+PALETTE = {
+    "full": "#000000", "lora": "#0072B2", "sadra": "#D55E00", "sadra-fisher": "#E69F00",
+    "adalora": "#009E73", "eva": "#CC79A7", "random": "#999999",
+}
+RANKED_METHODS = ("sadra", "sadra-fisher", "random", "eva", "adalora")
+TYPE_LABELS = {"q": "query", "k": "key", "v": "value", "o": "attn out", "ffn_in": "FFN in", "ffn_out": "FFN out",
+               "qkv": "qkv"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _rank_grid(ranks: Mapping[str, int]) -> tuple[np.ndarray, list[int], list[str]]:
+    """Ranks as a (layers x module types) array; missing cells are NaN."""
+    cells = {}
+    for name, r in ranks.items():
+        layer, kind = describe_module(name)
+        cells[(layer if layer is not None else 0, kind)] = r
+    layers = sorted({k[0] for k in cells})
+    kinds = [k for k in MODULE_TYPES if any(c[1] == k for c in cells)]
+    kinds += sorted({c[1] for c in cells} - set(kinds))
+    grid = np.full((len(layers), len(kinds)), np.nan)
+    for (layer, kind), r in cells.items():
+        grid[layers.index(layer), kinds.index(kind)] = r
+    return grid, layers, kinds
+
+
+def _draw_heatmap(ax, ranks: Mapping[str, int], title: str, vmax: float) -> Any:
+    grid, layers, kinds = _rank_grid(ranks)
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(kinds)), [TYPE_LABELS.get(k, k) for k in kinds], rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=8)
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not math.isnan(grid[i, j]):
+                value = int(grid[i, j])
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                        color="white" if value < 0.6 * vmax else "black")
+    return im
+
+
+def plot_allocation(ranks: Mapping[str, int], shapes: Mapping[str, Sequence[int]], path: str | Path, *,
+                    title: str = "LoRA ranks", budget: int | None = None, base_rank: int = 8) -> Path:
+    """One allocation's heatmap, with its budget and the uniform-LoRA reference in the caption."""
+    plt = _plt()
+    path = Path(path)
+    ensure_dir(path.parent if str(path.parent) else ".", "plot folder")
+    params = sum(r * (int(shapes[n][0]) + int(shapes[n][1])) for n, r in ranks.items())
+    grid, layers, kinds = _rank_grid(ranks)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.5 + 0.45 * len(layers)))
+    im = _draw_heatmap(ax, ranks, title, vmax=max(max(ranks.values(), default=1), 1))
+    fig.colorbar(im, ax=ax, label="rank")
+    caption = f"{params:,} LoRA parameters"
+    if budget is not None:
+        caption += f" of budget {budget:,}"
+    caption += f"; uniform LoRA: rank {base_rank} in every cell"
+    fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _loss_curves(folder: Path, task: str, methods: list[str], seeds: dict[str, list[int]], out: Path) -> Path | None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for method in methods:
+        curves = []
+        for seed in seeds.get(method, []):
+            log = folder / task / method / f"seed{seed}" / "train_log.jsonl"
+            if not log.exists():
+                continue
+            points = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            pts = [(p["step"], p["loss"]) for p in points if "loss" in p and "step" in p and "eval_loss" not in p]
+            if pts:
+                curves.append(dict(pts))
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        if not steps:
+            continue
+        values = np.array([[c[s] for s in steps] for c in curves])
+        color = PALETTE.get(method)
+        ax.plot(steps, values.mean(0), label=f"{method} (n={len(curves)})", color=color, lw=1.4)
+        if len(curves) > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2, lw=0)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (cross-entropy)")
+    if "adalora" in methods and any(seeds.get("adalora")):
+        ax.text(0.01, 0.01, "AdaLoRA's logged loss includes its orthogonal regulariser", transform=ax.transAxes,
+                fontsize=7, color=PALETTE["adalora"], va="bottom")
+    ax.set_title(f"{task}: training loss (mean over seeds; band = min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _rank_heatmaps(folder: Path, task: str, methods: list[str], seed: int, out: Path) -> Path | None:
+    panels = []
+    for method in methods:
+        if method not in RANKED_METHODS:
+            continue
+        alloc = _load_json(folder / task / method / f"seed{seed}" / "allocation.json")
+        if not alloc or not alloc.get("ranks"):
+            continue
+        label = {"adalora": "AdaLoRA (final ranks)", "eva": "EVA", "random": "random control",
+                 "sadra": "SADRA (Hutchinson)", "sadra-fisher": "SADRA (Fisher)"}[method]
+        panels.append((label, alloc))
+    if not panels:
+        return None
+    plt = _plt()
+    vmax = max(max(a["ranks"].values()) for _, a in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 1, 4.2), squeeze=False)
+    im = None
+    for ax, (label, alloc) in zip(axes[0], panels):
+        shapes = alloc.get("shapes", {})
+        params = sum(r * sum(shapes[n]) for n, r in alloc["ranks"].items() if n in shapes)
+        im = _draw_heatmap(ax, alloc["ranks"], f"{label}\n{params:,} params", vmax=vmax)
+    fig.colorbar(im, ax=axes[0].tolist(), label="rank", shrink=0.8)
+    budget = next((a.get("budget") for _, a in panels if a.get("budget")), None)
+    fig.suptitle(f"{task}: LoRA rank per module (seed {seed}); uniform LoRA = rank 8 everywhere"
+                 + (f", budget {budget:,} parameters" if budget else ""), fontsize=10, y=1.03)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def _sensitivity(folder: Path, task: str, seed: int, out: Path) -> Path | None:
+    panels = []
+    for method in ("sadra", "sadra-fisher"):
+        probe = _load_json(folder / task / method / f"seed{seed}" / "probe.json")
+        if probe and probe.get("scores"):
+            panels.append(probe)
+    if not panels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.3 * len(panels)), squeeze=False)
+    for ax, probe in zip(axes[:, 0], panels):
+        names = list(probe["scores"])
+        scores = np.array([probe["scores"][n] for n in names])
+        se = np.array([probe["stderr"][n] for n in names])
+        kinds = [describe_module(n)[1] for n in names]
+        colors = [PALETTE[m] for m in ("lora", "sadra", "sadra-fisher", "adalora", "eva", "random")]
+        kind_color = {k: colors[i % len(colors)] for i, k in enumerate(dict.fromkeys(kinds))}
+        x = np.arange(len(names))
+        ax.bar(x, scores, color=[kind_color[k] for k in kinds], alpha=0.85)
+        ax.errorbar(x, scores, yerr=se, fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+        ax.set_xticks(x, [f"L{describe_module(n)[0]} {TYPE_LABELS.get(k, k)}" for n, k in zip(names, kinds)],
+                      rotation=90, fontsize=7)
+        if np.all(scores > 0) and scores.max() / max(scores.min(), 1e-300) > 100:
+            ax.set_yscale("log")
+        else:
+            ax.axhline(0, color="black", lw=0.6)
+        est = probe.get("estimator")
+        mode = f", {probe.get('mode')}" if probe.get("mode") else ""
+        ax.set_ylabel("trace estimate")
+        ax.set_title(f"{task}: per-module curvature, {est}{mode} ({probe.get('probes')} probes; bars = ±1 s.e.)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _metrics_plot(records: list[dict], methods: list[str], out: Path) -> Path | None:
+    from .data import get_task
+
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    if not tasks:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric = get_task(task).main_metric
+        xs, means, errs, colors, labels = [], [], [], [], []
+        for i, m in enumerate(methods):
+            vals = [100 * r["metrics"][metric] for r in records if r["task"] == task and r["method"] == m
+                    and metric in r.get("metrics", {})]
+            if not vals:
+                continue
+            xs.append(len(xs))
+            means.append(np.mean(vals))
+            errs.append(np.std(vals, ddof=1) if len(vals) > 1 else 0.0)
+            colors.append(PALETTE.get(m, "#777777"))
+            labels.append(f"{m}\n(n={len(vals)})")
+        # Points, not bars: the axis is zoomed to the spread, and a cut bar would mislead.
+        for x, mean, err, color in zip(xs, means, errs, colors):
+            ax.errorbar([x], [mean], yerr=[err], fmt="o", color=color, ms=7, capsize=4, lw=1.5)
+        lora = [100 * r["metrics"][metric] for r in records if r["task"] == task and r["method"] == "lora"]
+        if lora:
+            ax.axhline(np.mean(lora), color=PALETTE["lora"], ls="--", lw=1, label="LoRA r=8 (mean)")
+            ax.legend(fontsize=7, loc="lower right")
+        low = min(m - e for m, e in zip(means, errs)) if means else 0
+        high = max(m + e for m, e in zip(means, errs)) if means else 100
+        pad = max(1.0, 0.15 * (high - low))
+        ax.set_ylim(max(0, low - pad), min(100, high + pad))
+        ax.set_xlim(-0.6, len(xs) - 0.4)
+        ax.set_xticks(xs, labels, fontsize=7, rotation=30, ha="right")
+        ax.set_ylabel(f"{metric} ×100 (validation)")
+        ax.set_title(task)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Main metric per method: mean over seeds, error bars = std over seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _missing(folder: Path, records: list[dict]) -> list[str]:
+    """Grid cells without a result line, saying whether their run started."""
+    config = _load_json(folder / "benchmark_config.json") or {}
+    done = {(r.get("task"), r.get("method"), r.get("seed")) for r in records}
+    lines = []
+    for task in config.get("tasks", []):
+        for method in config.get("methods", []):
+            for seed in config.get("seeds", []):
+                if (task, method, seed) in done:
+                    continue
+                run = folder / task / method / f"seed{seed}"
+                state = "not started" if not run.exists() else (
+                    "finished but not recorded (rerun the benchmark to record it)" if (run / "metrics.json").exists()
+                    else "started, unfinished (rerun the benchmark to resume it)")
+                lines.append(f"- {task} / {method} / seed {seed}: {state}")
+    return lines
+
+
+def write_report(folder: str | Path) -> Path:
+    """Write the figures and ``report.md`` into ``folder``; returns the report's path."""
+    from .errors import DataError
+    from .results import results_table
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"benchmark folder {str(folder)!r} does not exist; pass the --out folder of 'sadra benchmark'")
+    records = read_jsonl(folder / "results.jsonl")
+    if not records and not (folder / "benchmark_config.json").exists():
+        raise DataError(f"{str(folder)!r} holds no results.jsonl or benchmark_config.json; pass the --out folder of 'sadra benchmark'")
+    config = _load_json(folder / "benchmark_config.json") or {}
+    methods = [m for m in config.get("methods", METHODS)] or list(METHODS)
+    methods += sorted({r["method"] for r in records} - set(methods))
+    tasks = list(dict.fromkeys(list(config.get("tasks", [])) + [r["task"] for r in records]))
+    seeds: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for r in records:
+        seeds[(r["task"], r["method"])].append(int(r["seed"]))
+
+    sections = ["# Benchmark report", ""]
+    if config:
+        sections.append(f"Preset `{config.get('name')}`: tasks {', '.join(config.get('tasks', []))}; "
+                        f"methods {', '.join(config.get('methods', []))}; seeds {config.get('seeds')}; "
+                        f"model `{config.get('model')}`, max length {config.get('max_length')}.")
+        sections.append("")
+    figures = []
+    metrics_png = _metrics_plot(records, methods, folder / "metrics.png")
+    if metrics_png:
+        figures.append(("Main metric per task and method", metrics_png))
+    for task in tasks:
+        per_method = {m: sorted(seeds.get((task, m), [])) for m in methods}
+        loss = _loss_curves(folder, task, methods, per_method, folder / f"loss_{task}.png")
+        if loss:
+            figures.append((f"{task}: training loss", loss))
+        first_seed = min((s for (t, _), ss in seeds.items() if t == task for s in ss), default=None)
+        if first_seed is not None:
+            ranks = _rank_heatmaps(folder, task, methods, first_seed, folder / f"ranks_{task}.png")
+            if ranks:
+                figures.append((f"{task}: rank distribution", ranks))
+            sens = _sensitivity(folder, task, first_seed, folder / f"sensitivity_{task}.png")
+            if sens:
+                figures.append((f"{task}: per-module sensitivity", sens))
+    sections.append("## Results")
+    sections.append("")
+    sections.append(results_table(records, methods))
+    missing = _missing(folder, records)
+    sections.append("## Missing runs")
+    sections.append("")
+    sections.extend(missing or ["None: every cell of the grid has a result."])
+    sections.append("")
+    sections.append("## Figures")
+    sections.append("")
+    for title, path in figures:
+        sections.append(f"### {title}")
+        sections.append("")
+        sections.append(f"![{title}]({path.name})")
+        sections.append("")
+    if not figures:
+        sections.append("No figures: no run has finished yet.")
+    report = folder / "report.md"
+    atomic_write_text(report, "\n".join(sections) + "\n")
+    return report

@@ -1,0 +1,68 @@
+"""`sadra report` on a smoke benchmark's output, complete and with missing or partial runs."""
+
+import json
+import re
+import shutil
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_valid_png(path):
+    import matplotlib.image as mpimg
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 5_000, path
+    image = mpimg.imread(path)
+    assert image.shape[0] > 200 and image.shape[1] > 200
+    assert image.std() > 0.01  # not a blank canvas
+
+
+def test_benchmark_writes_every_figure_and_a_report_that_embeds_them(smoke_out):
+    out, _, _ = smoke_out
+    expected = ["metrics.png"] + [f"{kind}_{task}.png" for task in ("sst2", "mrpc", "qnli")
+                                  for kind in ("loss", "ranks", "sensitivity")]
+    for name in expected:
+        assert_valid_png(out / name)
+    report = (out / "report.md").read_text()
+    linked = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report))
+    assert set(expected) <= linked
+    assert "None: every cell of the grid has a result." in report
+    assert "| mrpc | f1 |" in report
+
+
+def test_report_on_partial_output_says_what_is_missing(smoke_out, tmp_path):
+    out, _, _ = smoke_out
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial, ignore=shutil.ignore_patterns("*.safetensors"))
+    for png in partial.glob("*.png"):
+        png.unlink()
+    lines = (partial / "results.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["task"] != "qnli" and json.loads(line)["method"] != "eva"]
+    (partial / "results.jsonl").write_text("\n".join(kept) + "\n" + lines[-1][:40])  # and a torn last line
+    shutil.rmtree(partial / "qnli" / "lora")
+    (partial / "qnli" / "sadra" / "seed0" / "metrics.json").unlink()
+    proc = run_cli("report", partial)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = (partial / "report.md").read_text()
+    assert "- qnli / lora / seed 0: not started" in report
+    assert "- qnli / sadra / seed 0: started, unfinished" in report
+    assert "- mrpc / eva / seed 0: finished but not recorded" in report
+    assert_valid_png(partial / "loss_mrpc.png")
+    assert not (partial / "loss_qnli.png").exists()  # no finished qnli run: no qnli figure, and no crash
+
+
+def test_allocate_plot_writes_a_heatmap(smoke_out, tmp_path):
+    out, _, _ = smoke_out
+    plot = tmp_path / "alloc.png"
+    proc = run_cli("allocate", out / "mrpc" / "sadra" / "seed0" / "probe.json", "--plot", plot)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_valid_png(plot)
+
+
+def test_report_on_a_folder_that_is_not_a_benchmark(tmp_path):
+    assert_one_line_error(run_cli("report", tmp_path / "nope"), "does not exist")
+    assert_one_line_error(run_cli("report", tmp_path), "results.jsonl")
