@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default=None)
     t.add_argument("--max-train-samples", type=_positive_int, default=None)
     t.add_argument("--max-eval-samples", type=_positive_int, default=None)
+    t.add_argument("--probe-file", default=None, help="sadra variants: use this probe report instead of probing")
+    t.add_argument("--allocation-file", default=None, help="sadra variants: use this allocation as it is")
     t.add_argument("--trust-remote-code", action="store_true")
     t.add_argument("--preset-name", default=None, help=argparse.SUPPRESS)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -217,7 +219,7 @@ def _run_settings(args) -> tuple[dict, str | None]:
         settings = merge_run(RUN_DEFAULTS, {}, "defaults")
         preset = None
     direct = {}
-    for key in ("glue_dir", "model", "max_train_samples", "max_eval_samples"):
+    for key in ("glue_dir", "model", "max_train_samples", "max_eval_samples", "probe_file", "allocation_file"):
         value = getattr(args, key, None)
         if value is not None:
             direct[key] = value

@@ -30,6 +30,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "max_train_samples": None,
     "max_eval_samples": None,
     "data_seed": 0,
+    "probe_file": None,          # SADRA variants: use this probe report instead of probing
+    "allocation_file": None,     # SADRA variants: use this allocation instead of probing and allocating
     "train": {
         "epochs": 3.0,
         "learning_rate": 5e-4,
@@ -85,6 +87,8 @@ RUN_DEFAULTS: dict[str, Any] = {
 
 _OPTIONAL_TYPES = {
     "glue_dir": (str,),
+    "probe_file": (str,),
+    "allocation_file": (str,),
     "max_train_samples": (int,),
     "max_eval_samples": (int,),
     "train.threads": (int,),
@@ -239,7 +243,7 @@ class BenchmarkConfig:
             if key in data:
                 grid[key] = data[key]
         self.where = where
-        self.name = str(grid["name"])
+        self.name = check_name(grid["name"], where)
         self.tasks = _check_list("tasks", grid["tasks"], str, where)
         self.methods = _check_list("methods", grid["methods"], str, where)
         self.seeds = _check_list("seeds", grid["seeds"], int, where)
@@ -294,7 +298,7 @@ class BenchmarkConfig:
                 _deep_set(entry, keys[2:], value)
                 table.update(self._overrides({name: entry}, keys[0], f"override {text!r}"))
             elif keys[0] == "name" and len(keys) == 1:
-                self.name = str(value)
+                self.name = check_name(value, f"override {text!r}")
             else:
                 self.run = merge_run(self.run, nest(keys, value), f"override {text!r}")
 
@@ -323,6 +327,15 @@ def _check_list(label: str, value: Any, kind: type, where: str) -> list:
         if isinstance(v, bool) or not isinstance(v, kind):
             raise ConfigError(f"{where}: {label} must list {kind.__name__} values, got {v!r}")
     return list(dict.fromkeys(value))
+
+
+def check_name(name: Any, where: str) -> str:
+    """A benchmark name becomes a folder name (runs/<name>): letters, digits, '.', '_', '-' only."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", name):
+        raise ConfigError(f"{where}: name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (it names a folder)")
+    return name
 
 
 def check_method(method: str) -> str:

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from . import __version__
-from .allocate import allocate_ranks, uniform_budget
+from .allocate import RankAllocation, allocate_ranks, uniform_budget
 from .config import RUN_DEFAULTS, check_method, merge_run
 from .data import calibration_batches, get_task, load_glue, majority_score, subsample, tokenize
 from .errors import CurvatureError
@@ -278,12 +278,18 @@ def _build_method(method, model, tokenizer, spec, settings, seed, targets, shape
         return peft_model
     if method == "random":
         alloc = random_allocation(shapes, seed, **alloc_kwargs)
+    elif settings["allocation_file"]:
+        alloc = RankAllocation.load(settings["allocation_file"])
+        _check_allocation(alloc, model)
     else:
         estimator = SADRA_METHODS[method]
         probe_path = out / "probe.json"
-        if probe_path.exists():  # a resumed run reuses its probe: same seed, same report
-            report = SensitivityReport.load(probe_path)
+        given = settings["probe_file"]
+        if given or probe_path.exists():  # a given probe, or a resumed run's own (same seed, same report)
+            report = SensitivityReport.load(given or probe_path)
             report.check_model(model)
+            if given:
+                report.save(probe_path)
         else:
             pr = settings["probe"]
             batches = calibration_batches(train_rows, tokenizer, num_batches=pr["num_batches"], batch_size=pr["batch_size"],
@@ -301,6 +307,17 @@ def _build_method(method, model, tokenizer, spec, settings, seed, targets, shape
     config = allocated_lora_config(alloc, dropout=lora["dropout"], alpha_ratio=alloc_set["alpha_ratio"],
                                    use_rslora=alloc_set["use_rslora"], modules_to_save=heads, task_type=PEFT_TASK_TYPE)
     return get_peft_model(model, config)
+
+
+def _check_allocation(alloc: RankAllocation, model) -> None:
+    """An allocation from a file must name this model's linear modules with their shapes."""
+    from .errors import ModelError
+
+    shapes = target_shapes(model, alloc.ranks)
+    for name, shape in shapes.items():
+        if tuple(alloc.shapes.get(name, shape)) != tuple(shape):
+            raise ModelError(f"allocation was made for another model: {name} is {shape} here but "
+                             f"{tuple(alloc.shapes[name])} in the file; re-run 'sadra allocate' on this model's probe")
 
 
 def _final_eval(trainer, eval_ds: Mapping[str, Any], main_split: str):
