@@ -2,7 +2,6 @@
 and nothing already written lost. Plus property tests that only ever see the documented errors."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 

@@ -4,7 +4,6 @@ import json
 import re
 import shutil
 
-import pytest
 
 from conftest import assert_one_line_error, run_cli
 

@@ -8,7 +8,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 import sadra.train as train_mod
-from sadra.data import Example, calibration_batches, load_glue, subsample, tokenize
+from sadra.data import calibration_batches, load_glue, subsample, tokenize
 from sadra.metrics import glue_metrics
 
 TINY = {"max_train_samples": 96, "max_eval_samples": 32, "max_length": 32,

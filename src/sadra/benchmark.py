@@ -9,8 +9,6 @@ from their last checkpoint).
 
 from __future__ import annotations
 
-import math
-import os
 import subprocess
 import sys
 import time

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--plot", default=None, help="also draw the allocation as a heatmap PNG")
 
     t = sub.add_parser("train", help="fine-tune one (task, method, seed) and evaluate it")
-    t.add_argument("--task", required=True)
+    t.add_argument("--task", required=True, help="a GLUE task (sst2, mrpc, qnli, ...) or causal-lm (with --text-file)")
+    t.add_argument("--text-file", default=None, help="causal-lm: training text, one document per line")
     t.add_argument("--method", required=True, help="full, lora, sadra, sadra-fisher, adalora, eva or random")
     t.add_argument("--seed", type=_non_negative_int, default=0)
     t.add_argument("--out", required=True, help="run folder")
@@ -238,16 +239,26 @@ def _task_method(args) -> tuple[str, str]:
     from .config import check_method
     from .data import get_task
 
+    if args.task == "causal-lm":
+        return "causal-lm", check_method(args.method)
     return get_task(args.task).name, check_method(args.method)
 
 
 def cmd_train(args) -> int:
-    from .train import run_glue
+    from .train import run_causal_lm, run_glue
 
     task, method = _task_method(args)
+    if (task == "causal-lm") != bool(args.text_file):
+        from .errors import ConfigError
+
+        raise ConfigError("--text-file goes with --task causal-lm (and causal-lm needs --text-file FILE)")
     settings, preset = _run_settings(args)
-    record = run_glue(task, method, args.seed, args.out, settings, progress=not args.quiet,
-                      preset=args.preset_name or preset)
+    if task == "causal-lm":
+        record = run_causal_lm(args.text_file, method, args.seed, args.out, settings, progress=not args.quiet,
+                               preset=args.preset_name or preset)
+    else:
+        record = run_glue(task, method, args.seed, args.out, settings, progress=not args.quiet,
+                          preset=args.preset_name or preset)
     metric = record["main_metric"]
     print(f"{task} {method} seed {args.seed}: {metric} {record['metrics'][metric]:.4f} "
           f"({record['trainable_params']:,} trainable; train {record['train_seconds']:.0f} s); wrote {args.out}/metrics.json")

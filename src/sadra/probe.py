@@ -322,48 +322,71 @@ def estimate_sensitivity(
     loss_fn = loss_fn or hf_loss
     logits_fn = logits_fn or hf_logits
     device = params[0].device
-    generator = torch.Generator().manual_seed(int(seed))
 
     saved_head = None
     start = time.perf_counter()
     if head_warmup_steps:
         saved_head = warm_up_head(model, batches, head_warmup_steps, lr=head_warmup_lr, loss_fn=loss_fn, seed=seed)
 
-    samples: list[list[float]] = [[] for _ in names]
+    # Round r (one sample per module) belongs to block r // probes_per_batch; a block's rounds share
+    # one batch and its first-order graph. Under torch.distributed, block b runs on process
+    # b % world_size and all processes step in lockstep, so the pooled samples are exactly those a
+    # single process would draw: every round's random vectors come from its own seeded generator.
+    world, rank = _dist_world()
+    local: list[tuple[int, list[float]]] = []
+    sums = torch.zeros(len(names), dtype=torch.float64)
+    sumsq = torch.zeros(len(names), dtype=torch.float64)
+    done = 0
     converged = False
-    rounds = 0
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_probes, desc=f"probe ({estimator})", unit="probe", leave=False)
     try:
         with _probe_state(model, params):
-            graph = None  # (batch index, first-order gradients with their graph)
-            while rounds < max_probes:
-                b_idx = (rounds // probes_per_batch) % len(batches)
-                if estimator == "fisher":
-                    row = _fisher_round(model, batches[b_idx], params, logits_fn, generator, device, b_idx)
-                else:
-                    if graph is None or graph[0] != b_idx:
-                        graph = None  # free the previous batch's graph before building the next
-                        graph = (b_idx, _first_order(model, batches[b_idx], params, loss_fn, device, b_idx))
-                    last_on_batch = (rounds + 1) % probes_per_batch == 0 or rounds + 1 == max_probes
-                    row = _hutchinson_round(graph[1], params, generator, mode, retain=not last_on_batch)
-                    if last_on_batch:
-                        graph = None
-                for i, value in enumerate(row):
-                    if not math.isfinite(value):
-                        raise CurvatureError(
-                            f"non-finite curvature ({value}) for module {names[i]} at probe {rounds} (batch {b_idx}); "
-                            "check the inputs and the model's dtype, or use estimator='fisher'"
-                        )
-                    samples[i].append(value)
-                rounds += 1
+            step = 0
+            while done < max_probes:
+                block = step * world + rank
+                first = block * probes_per_batch
+                rounds_here = range(first, min(first + probes_per_batch, max_probes))
+                b_idx = block % len(batches)
+                step_sum = torch.zeros(len(names), dtype=torch.float64)
+                step_sq = torch.zeros(len(names), dtype=torch.float64)
+                grads = None
+                if len(rounds_here) and estimator == "hutchinson":
+                    grads = _first_order(model, batches[b_idx], params, loss_fn, device, b_idx)
+                for k, r in enumerate(rounds_here):
+                    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + r)
+                    if estimator == "fisher":
+                        row = _fisher_round(model, batches[b_idx], params, logits_fn, generator, device, b_idx)
+                    else:
+                        row = _hutchinson_round(grads, params, generator, mode, retain=k + 1 < len(rounds_here))
+                    for i, value in enumerate(row):
+                        if not math.isfinite(value):
+                            raise CurvatureError(
+                                f"non-finite curvature ({value}) for module {names[i]} at probe {r} (batch {b_idx}); "
+                                "check the inputs and the model's dtype, or use estimator='fisher'"
+                            )
+                    local.append((r, row))
+                    values = torch.tensor(row, dtype=torch.float64)
+                    step_sum += values
+                    step_sq += values * values
+                grads = None
+                count = torch.tensor([float(len(rounds_here))], dtype=torch.float64)
+                if world > 1:
+                    step_sum, step_sq, count = _all_reduce_sum(step_sum, step_sq, count)
+                sums += step_sum
+                sumsq += step_sq
+                done += int(count.item())
+                step += 1
                 if bar is not None:
-                    bar.update(1)
-                if rounds >= min_probes and rounds >= 2 and rtol > 0:
-                    if all(_stderr(s) <= rtol * abs(_mean(s)) for s in samples):
+                    bar.update(int(count.item()))
+                if done >= max(min_probes, 2) and rtol > 0 and done < max_probes:
+                    mean = sums / done
+                    var = (sumsq - done * mean * mean).clamp_min(0) / (done - 1)
+                    se = torch.sqrt(var / done)
+                    if bool(torch.all(se <= rtol * mean.abs())):
                         converged = True
                         break
     finally:
@@ -374,6 +397,20 @@ def estimate_sensitivity(
         for p in params:
             p.grad = None
 
+    if world > 1:
+        # Pool the rows as one summed (rounds x modules) tensor: each round is filled by one process.
+        table = torch.zeros(max_probes, len(names), dtype=torch.float64)
+        filled = torch.zeros(max_probes, dtype=torch.float64)
+        for r, row in local:
+            table[r] = torch.tensor(row, dtype=torch.float64)
+            filled[r] = 1.0
+        table, filled = _all_reduce_sum(table, filled)
+        local = [(r, table[r].tolist()) for r in range(max_probes) if filled[r] > 0]
+    local.sort(key=lambda item: item[0])
+    rounds = len(local)
+    samples = [[row[i] for _, row in local] for i in range(len(names))]
+    if not converged and rtol > 0 and rounds >= max(min_probes, 2):
+        converged = all(_stderr(s) <= rtol * abs(_mean(s)) for s in samples)
     seconds = time.perf_counter() - start
     return SensitivityReport(
         scores={n: _mean(s) for n, s in zip(names, samples)},
@@ -391,6 +428,28 @@ def estimate_sensitivity(
         meta={"batches": len(batches), "probes_per_batch": probes_per_batch, "rtol": rtol,
               "max_probes": max_probes, "head_warmup_steps": head_warmup_steps},
     )
+
+
+def _dist_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _all_reduce_sum(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Sum small CPU float64 tensors over processes (moved to the GPU for NCCL)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if dist.get_backend() == "nccl":
+        flat = flat.cuda()
+    dist.all_reduce(flat)
+    flat = flat.cpu()
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start:start + t.numel()].reshape(t.shape))
+        start += t.numel()
+    return out
 
 
 def _first_order(model, batch, params, loss_fn, device, b_idx):
