@@ -44,20 +44,33 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = Tru
 
     for task in cfg.tasks:  # fail before any run starts, not hours in
         check_glue_folder(task, cfg.resolve(task, cfg.methods[0])["glue_dir"])
+    from .distributed import is_main_process, maybe_init_distributed
+
+    distributed = maybe_init_distributed()
+    main = is_main_process()
     out = ensure_dir(out, "benchmark output folder")
     results_path = out / "results.jsonl"
-    write_json(out / "benchmark_config.json", cfg.to_dict())
+    if main:
+        write_json(out / "benchmark_config.json", cfg.to_dict())
     done = {(r.get("task"), r.get("method"), r.get("seed")) for r in read_jsonl(results_path)}
     cells = [(t, m, s) for t in cfg.tasks for m in cfg.methods for s in cfg.seeds]
     commit = git_commit()
-    bar = tqdm(cells, desc="benchmark", unit="run", disable=not progress)
+    bar = tqdm(cells, desc="benchmark", unit="run", disable=not (progress and main))
     for task, method, seed in bar:
         bar.set_postfix_str(f"{task}/{method}/seed{seed}")
         if (task, method, seed) in done:
             continue
         folder = run_dir(out, task, method, seed)
         record = _finished_record(folder)
-        if record is None:
+        if record is None and distributed:
+            # Under torchrun every process runs the same cell in-process, so the Trainer's DDP spans them.
+            started = time.time()
+            from .train import run_glue
+
+            record = run_glue(task, method, seed, folder, cfg.resolve(task, method), progress=progress and main,
+                              preset=cfg.name)
+            record["wall_seconds"] = round(time.time() - started, 1)
+        elif record is None:
             settings = cfg.resolve(task, method)
             ensure_dir(folder, "run folder")
             atomic_write_text(folder / "run.yaml", yaml.safe_dump(settings, sort_keys=False))
@@ -76,8 +89,11 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = Tru
                 raise SadraError(f"run {task}/{method}/seed{seed} ended without metrics.json; rerun the same command to resume")
             record["wall_seconds"] = round(time.time() - started, 1)
         record.update(preset=cfg.name, git_commit=commit, sadra_version=__version__)
-        append_jsonl(results_path, record)
+        if main:
+            append_jsonl(results_path, record)
         done.add((task, method, seed))
+    if not main:
+        return read_jsonl(results_path)
     records = read_jsonl(results_path)
     from .results import write_results
 

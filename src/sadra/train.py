@@ -40,7 +40,6 @@ from .distributed import (check_same_across_processes, is_main_process, local_de
 from .models import find_targets, head_module_names, load_model, target_shapes
 from .probe import SensitivityReport, estimate_sensitivity
 
-SADRA_METHODS = {"sadra": "hutchinson", "sadra-fisher": "fisher"}
 PEFT_TASK_TYPE = "SEQ_CLS"
 
 
@@ -389,7 +388,8 @@ def _build_method(method, model, settings, seed, targets, shapes, heads, make_ba
         alloc = RankAllocation.load(settings["allocation_file"])
         _check_allocation(alloc, model)
     else:
-        estimator = SADRA_METHODS[method]
+        # sadra-fisher always probes with the Fisher estimator; sadra with probe.estimator (Hutchinson by default).
+        estimator = "fisher" if method == "sadra-fisher" else settings["probe"]["estimator"]
         probe_path = out / "probe.json"
         given = settings["probe_file"]
         if given or probe_path.exists():  # a given probe, or a resumed run's own (same seed, same report)

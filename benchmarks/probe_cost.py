@@ -1,0 +1,211 @@
+"""What a curvature probe costs, next to a plain gradient and a LoRA training run, all in one run.
+
+    python benchmarks/probe_cost.py --glue-dir ../shared/glue --json probe_cost.json
+
+Figures (ratios of times or memory measured in this run, on the same batch):
+
+* hvp_over_grad              one Hutchinson probe (joint mode: graph + one HvP giving every module a
+                             sample) over one plain gradient of the same loss w.r.t. the target weights
+* hvp_over_grad_reused       the same when ``probes_per_batch`` probes share the batch's graph
+* per_module_round_over_grad one per-module round (graph + one HvP per module) over one gradient
+* fisher_over_grad           one Fisher probe (sampled labels, one backward) over one gradient
+* calibration_over_training  the cpu preset's calibration (head warm-up + probe) over one `lora` training
+                             run of the cpu preset on the same task
+* probe_peak_over_train_peak peak memory of that calibration over peak memory of that training, both
+                             measured as the growth of resident memory over the loaded model
+* stability                  per estimator/mode: Spearman correlation of module scores between two
+                             independent calibrations (other seed, other batches) at the default cost,
+                             and the fraction of modules that get the same rank
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repeats: int, probes_per_batch: int) -> dict:
+    from sadra.data import calibration_batches, load_glue
+    from sadra.models import find_targets, load_model
+    from sadra.probe import (_first_order, _fisher_round, _hutchinson_round, _probe_state, hf_logits, hf_loss)
+
+    model, tokenizer = load_model("minilm", 2, seed=0)
+    rows = load_glue(task, "train", glue_dir)
+    batch = calibration_batches(rows, tokenizer, num_batches=1, batch_size=batch_size, max_length=max_length, seed=0)[0]
+    names = find_targets(model)
+    params = [model.get_submodule(n).weight for n in names]
+    device = params[0].device
+    gen = torch.Generator().manual_seed(0)
+    out = {"batch_size": batch_size, "tokens": int(batch["input_ids"].shape[1]), "modules": len(names)}
+    with _probe_state(model, params):
+        def grad():
+            torch.autograd.grad(hf_loss(model, batch), params)
+
+        def joint():
+            g = _first_order(model, batch, params, hf_loss, device, 0)
+            _hutchinson_round(g, params, gen, "joint", retain=False)
+
+        def joint_reused():
+            g = _first_order(model, batch, params, hf_loss, device, 0)
+            for k in range(probes_per_batch):
+                _hutchinson_round(g, params, gen, "joint", retain=k + 1 < probes_per_batch)
+
+        def per_module():
+            g = _first_order(model, batch, params, hf_loss, device, 0)
+            _hutchinson_round(g, params, gen, "per_module", retain=False)
+
+        def fisher():
+            _fisher_round(model, batch, params, hf_logits, gen, device, 0)
+
+        t_grad = median_seconds(grad, repeats)
+        out["grad_seconds"] = t_grad
+        out["hvp_over_grad"] = median_seconds(joint, repeats) / t_grad
+        out["hvp_over_grad_reused"] = median_seconds(joint_reused, max(1, repeats // 2)) / probes_per_batch / t_grad
+        out["probes_per_batch"] = probes_per_batch
+        out["per_module_round_over_grad"] = median_seconds(per_module, max(1, repeats // 2)) / t_grad
+        out["fisher_over_grad"] = median_seconds(fisher, repeats) / t_grad
+    return out
+
+
+def stability(glue_dir: str, task: str, preset: dict) -> dict:
+    from scipy.stats import spearmanr
+
+    from sadra.allocate import allocate_ranks
+    from sadra.data import calibration_batches, load_glue
+    from sadra.models import load_model
+    from sadra.probe import estimate_sensitivity
+
+    pr = preset["probe"]
+    rows = load_glue(task, "train", glue_dir)
+    result = {}
+    for label, estimator, mode in (("hutchinson_per_module", "hutchinson", "per_module"),
+                                   ("hutchinson_joint", "hutchinson", "joint"), ("fisher", "fisher", "per_module")):
+        reports = []
+        for seed in (0, 1):
+            model, tokenizer = load_model("minilm", 2, seed=0)  # same head init: only probes and batches differ
+            batches = calibration_batches(rows, tokenizer, num_batches=pr["num_batches"], batch_size=pr["batch_size"],
+                                          max_length=preset["max_length"], seed=100 + seed)
+            reports.append(estimate_sensitivity(model, batches, estimator=estimator, mode=mode, max_probes=pr["max_probes"],
+                                                rtol=pr["rtol"], seed=seed, head_warmup_steps=pr["head_warmup_steps"]))
+        names = list(reports[0].scores)
+        rho = spearmanr([reports[0].scores[n] for n in names], [reports[1].scores[n] for n in names])[0]
+        allocs = [allocate_ranks(r, min_rank=2, max_rank=32) for r in reports]
+        same = sum(allocs[0].ranks[n] == allocs[1].ranks[n] for n in names) / len(names)
+        rel = sorted(r for rep in reports for r in rep.relative_stderr.values())
+        result[label] = {"spearman": float(rho), "same_rank_fraction": same, "probes": reports[0].probes,
+                         "seconds_per_calibration": statistics.mean(r.seconds for r in reports),
+                         "median_relative_stderr": rel[len(rel) // 2]}
+    return result
+
+
+CHILD = r"""
+import json, resource, sys, time
+mode, glue_dir, task, preset_name, out = sys.argv[1:6]
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+from sadra.config import load_benchmark_config
+cfg = load_benchmark_config(preset_name, overrides=[f"glue_dir={glue_dir}"])
+settings = cfg.resolve(task, "sadra" if mode == "calibrate" else "lora")
+if mode == "calibrate":
+    from sadra.data import calibration_batches, load_glue, subsample
+    from sadra.models import load_model
+    from sadra.probe import estimate_sensitivity
+    rows = subsample(load_glue(task, "train", glue_dir), settings["max_train_samples"], settings["data_seed"])
+    model, tok = load_model(settings["model"], 2, seed=0)
+    pr = settings["probe"]
+    batches = calibration_batches(rows, tok, num_batches=pr["num_batches"], batch_size=pr["batch_size"],
+                                  max_length=settings["max_length"], seed=0)
+    base = rss_mb()
+    start = time.perf_counter()
+    estimate_sensitivity(model, batches, estimator=pr["estimator"], mode=pr["mode"], max_probes=pr["max_probes"],
+                         rtol=pr["rtol"], seed=0, head_warmup_steps=pr["head_warmup_steps"])
+    seconds = time.perf_counter() - start
+else:
+    import tempfile
+    from sadra.models import load_model
+    load_model(settings["model"], 2, seed=0)
+    base = rss_mb()
+    from sadra.train import run_glue
+    start = time.perf_counter()
+    rec = run_glue(task, "lora", 0, tempfile.mkdtemp(), settings, progress=False)
+    seconds = rec["train_seconds"]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+json.dump({"seconds": seconds, "growth_mb": peak - base, "peak_mb": peak, "base_mb": base}, open(out, "w"))
+"""
+
+
+def calibration_vs_training(glue_dir: str, task: str, preset: str, tmp: Path) -> dict:
+    results = {}
+    for mode in ("calibrate", "train"):
+        out = tmp / f"{mode}.json"
+        subprocess.run([sys.executable, "-c", CHILD, mode, glue_dir, task, preset, str(out)], check=True,
+                       stdout=subprocess.DEVNULL)
+        results[mode] = json.loads(out.read_text())
+    return {
+        "calibration_seconds": results["calibrate"]["seconds"],
+        "lora_train_seconds": results["train"]["seconds"],
+        "calibration_over_training": results["calibrate"]["seconds"] / results["train"]["seconds"],
+        "calibration_memory_growth_mb": results["calibrate"]["growth_mb"],
+        "train_memory_growth_mb": results["train"]["growth_mb"],
+        "probe_peak_over_train_peak": results["calibrate"]["growth_mb"] / max(results["train"]["growth_mb"], 1e-9),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--glue-dir", required=True)
+    parser.add_argument("--task", default="sst2", help="task for the unit costs and stability")
+    parser.add_argument("--train-task", default="mrpc", help="task of the calibration-vs-training comparison")
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--probes-per-batch", type=int, default=4)
+    parser.add_argument("--skip-training", action="store_true", help="skip the (minutes-long) LoRA training comparison")
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+
+    from sadra.config import load_benchmark_config
+
+    preset = load_benchmark_config(args.preset).resolve(args.task, "sadra")
+    figures = {"machine": f"{torch.get_num_threads()} threads, {sys.platform}", "torch": torch.__version__,
+               "default_estimator": preset["probe"]["estimator"], "default_mode": preset["probe"]["mode"]}
+    figures.update(unit_costs(args.glue_dir, args.task, args.batch_size, args.max_length, args.repeats,
+                              args.probes_per_batch))
+    figures["stability"] = stability(args.glue_dir, args.task, preset)
+    if not args.skip_training:
+        import tempfile
+
+        figures.update(calibration_vs_training(args.glue_dir, args.train_task, args.preset, Path(tempfile.mkdtemp())))
+    Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"{'figure':32s} value")
+    for key, value in figures.items():
+        if isinstance(value, float):
+            print(f"{key:32s} {value:.3f}")
+    for label, st in figures["stability"].items():
+        print(f"stability {label:22s} spearman {st['spearman']:.3f}  same-rank {st['same_rank_fraction']:.2f}  "
+              f"median rel. s.e. {st['median_relative_stderr']:.3f}  {st['seconds_per_calibration']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

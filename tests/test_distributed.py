@@ -1,0 +1,49 @@
+"""Two processes on CPU (torchrun, gloo): pooled probe == one process; identical allocations; DDP training."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def torchrun(*args, env=None, timeout=900):
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)],
+                          capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def test_pooled_probe_over_two_processes_equals_one_process(tmp_path, glue_dir):
+    sys.path.insert(0, str(HERE))
+    from ddp_probe_script import reports
+
+    proc = torchrun(HERE / "ddp_probe_script.py", glue_dir, tmp_path / "pooled.json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    single = reports(glue_dir)
+    for est in ("fisher", "hutchinson"):
+        assert pooled[est]["probes"] == single[est]["probes"] == 4
+        for name, values in single[est]["samples"].items():
+            assert pooled[est]["samples"][name] == pytest.approx(values, rel=1e-6, abs=1e-12)
+            assert pooled[est]["scores"][name] == pytest.approx(single[est]["scores"][name], rel=1e-6, abs=1e-12)
+
+
+def test_sadra_train_under_torchrun_agrees_on_the_allocation(tmp_path, glue_dir):
+    out = tmp_path / "run"
+    proc = torchrun("-m", "sadra", "train", "--task", "mrpc", "--method", "sadra", "--seed", "0", "--out", out, "--quiet",
+                    f"glue_dir={glue_dir}", "max_train_samples=32", "max_eval_samples=16", "max_length=32",
+                    "train.epochs=1", "train.batch_size=4", "train.threads=1", "probe.max_probes=2", "probe.batch_size=4",
+                    "probe.num_batches=2", "probe.head_warmup_steps=2", "probe.estimator=fisher")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    hashes = dict(re.findall(r"sadra: rank (\d) rank allocations sha256 ([0-9a-f]{64})", proc.stderr))
+    assert set(hashes) == {"0", "1"} and hashes["0"] == hashes["1"]
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["processes"] == 2
+    # 32 rows over 2 processes x batch 4 = 4 optimizer steps per epoch.
+    assert record["optimizer_steps"] == 4
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
