@@ -136,13 +136,9 @@ class RankAllocation:
 
     @classmethod
     def from_json(cls, text: str) -> "RankAllocation":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"allocation JSON does not parse ({exc.msg} at line {exc.lineno}); recreate it with 'sadra allocate'") from None
-        if not isinstance(data, dict):
-            raise DataError("allocation JSON is not an object; recreate it with 'sadra allocate'")
-        return cls.from_dict(data)
+        from .io import parse_json_object
+
+        return cls.from_dict(parse_json_object(text, "allocation JSON", "recreate it with 'sadra allocate'"))
 
     def save(self, path: str | Path) -> None:
         from .io import atomic_write_text

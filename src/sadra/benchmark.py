@@ -97,9 +97,7 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = Tru
     records = read_jsonl(results_path)
     from .results import write_results
 
-    table = write_results(records, out, methods=cfg.methods)
-    if progress:
-        print(table)
+    write_results(records, out, methods=cfg.methods)
     if report:
         try:
             from .report import write_report

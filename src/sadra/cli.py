@@ -24,24 +24,22 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--glue-dir", default=None, help="local GLUE folder (original TSV layout); default: $SADRA_GLUE_DIR, else the hub")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be positive")
-    return value
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} must be positive" if low == 1 else f"{text} must not be negative")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must not be negative")
-    return value
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _non_negative_float(text: str) -> float:
@@ -281,7 +279,8 @@ def cmd_benchmark(args) -> int:
     cfg = load_benchmark_config(args.preset, args.config, overrides)
     out = Path(args.out or os.path.join("runs", cfg.name))
     run_benchmark(cfg, out, progress=not args.quiet)
-    print(f"wrote {out / 'results.jsonl'} and {out / 'results.md'}")
+    print((out / "results.md").read_text())
+    print(f"wrote {out / 'results.jsonl'}, {out / 'results.md'} and {out / 'report.md'}")
     return 0
 
 

@@ -80,6 +80,17 @@ def read_text(path: str | Path, what: str = "file") -> str:
         raise DataError(f"cannot read {what} {str(p)!r} ({exc.strerror}); check its permissions") from None
 
 
+def parse_json_object(text: str, what: str, fix: str) -> dict[str, Any]:
+    """A JSON object from ``text``, or DataError naming ``what`` and the ``fix``."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{what} does not parse ({exc.msg} at line {exc.lineno}); {fix}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{what} is not an object; {fix}")
+    return data
+
+
 def read_json(path: str | Path, what: str = "JSON file") -> Any:
     text = read_text(path, what)
     try:

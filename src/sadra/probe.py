@@ -98,13 +98,9 @@ class SensitivityReport:
 
     @classmethod
     def from_json(cls, text: str) -> "SensitivityReport":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"probe JSON does not parse ({exc.msg} at line {exc.lineno}); re-run 'sadra probe'") from None
-        if not isinstance(data, dict):
-            raise DataError("probe JSON is not an object; re-run 'sadra probe'")
-        return cls.from_dict(data)
+        from .io import parse_json_object
+
+        return cls.from_dict(parse_json_object(text, "probe JSON", "re-run 'sadra probe'"))
 
     def save(self, path: str | Path) -> None:
         from .io import atomic_write_text
@@ -179,8 +175,8 @@ def _sampled_target_loss(logits: torch.Tensor, batch: Any, generator: torch.Gene
 # --- the probe -------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _probe_state(model: nn.Module, params: Sequence[nn.Parameter]):
-    """Eval mode, gradients on ``params`` only, math attention; all restored on exit."""
+def _gradients_only_on(model: nn.Module, params: Sequence[nn.Parameter]):
+    """Eval mode (no dropout) with gradients on ``params`` only; every flag restored on exit."""
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     train_flags = [(m, m.training) for m in model.modules()]
     try:
@@ -189,13 +185,19 @@ def _probe_state(model: nn.Module, params: Sequence[nn.Parameter]):
         for p in params:
             p.requires_grad_(True)
         model.eval()
-        with _math_attention():
-            yield
+        yield
     finally:
         for p, flag in grad_flags:
             p.requires_grad_(flag)
         for m, flag in train_flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def _probe_state(model: nn.Module, params: Sequence[nn.Parameter]):
+    """Eval mode, gradients on ``params`` only, math attention; all restored on exit."""
+    with _gradients_only_on(model, params), _math_attention():
+        yield
 
 
 def _math_attention():
@@ -244,30 +246,21 @@ def warm_up_head(
     saved = {f"{h}.{k}": v.detach().clone() for h in heads for k, v in getattr(model, h).state_dict().items()}
     loss_fn = loss_fn or hf_loss
     device = next(model.parameters()).device
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    train_flags = [(m, m.training) for m in model.modules()]
     try:
-        for p, _ in grad_flags:
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        model.eval()
-        torch.manual_seed(seed)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        for step in range(steps):
-            batch = _to_device(batches[step % len(batches)], device)
-            loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise CurvatureError(f"non-finite loss at head warm-up step {step}; lower the warm-up learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        with _gradients_only_on(model, params):
+            torch.manual_seed(seed)
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            for step in range(steps):
+                batch = _to_device(batches[step % len(batches)], device)
+                loss = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise CurvatureError(f"non-finite loss at head warm-up step {step}; lower the warm-up learning rate")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
     finally:
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
+        for p in params:
             p.grad = None
-        for m, flag in train_flags:
-            m.training = flag
     return saved
 
 
