@@ -47,3 +47,30 @@ def test_sadra_train_under_torchrun_agrees_on_the_allocation(tmp_path, glue_dir)
     # 32 rows over 2 processes x batch 4 = 4 optimizer steps per epoch.
     assert record["optimizer_steps"] == 4
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_benchmark_under_torchrun_records_each_cell_once(tmp_path, glue_dir):
+    out = tmp_path / "bench"
+    proc = torchrun("-m", "sadra", "benchmark", "--preset", "smoke", "--tasks", "mrpc", "--methods", "lora", "sadra-fisher",
+                    "--out", out, "--quiet", f"glue_dir={glue_dir}", "max_train_samples=32", "train.threads=1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in records) == ["lora", "sadra-fisher"]
+    assert all(r["processes"] == 2 for r in records)
+
+
+def test_sadra_train_under_accelerate_launch(tmp_path, glue_dir):
+    # On CPU, accelerate's launcher runs one process (its multi-CPU mode needs MPI); with GPUs,
+    # `accelerate launch --multi_gpu` starts torchrun-style workers, the path tested above.
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "sadra", "train",
+                           "--task", "mrpc", "--method", "sadra-fisher", "--out", str(out), "--quiet", f"glue_dir={glue_dir}",
+                           "max_train_samples=32", "max_eval_samples=16", "max_length=32", "train.epochs=1",
+                           "train.batch_size=4", "train.threads=1", "probe.max_probes=2", "probe.batch_size=4",
+                           "probe.num_batches=2", "probe.head_warmup_steps=2"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["optimizer_steps"] == 8 and (out / "allocation.json").is_file()

@@ -135,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(exc).split())
         print(f"sadra: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permissions changed mid-run, ...: the environment, not a bug
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"sadra: error: {exc.strerror or exc}{where}; free space or fix permissions, then rerun to resume", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("sadra: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -278,7 +282,11 @@ def cmd_benchmark(args) -> int:
         overrides.append(f"glue_dir={args.glue_dir}")
     cfg = load_benchmark_config(args.preset, args.config, overrides)
     out = Path(args.out or os.path.join("runs", cfg.name))
+    from .distributed import is_main_process
+
     run_benchmark(cfg, out, progress=not args.quiet)
+    if not is_main_process():
+        return 0
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.jsonl'}, {out / 'results.md'} and {out / 'report.md'}")
     return 0
