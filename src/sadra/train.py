@@ -1,6 +1,8 @@
-"""One fine-tuning run on a GLUE task with one method, through the Hugging Face Trainer.
+"""One fine-tuning run with one method, through the Hugging Face Trainer.
 
-``run_glue(task, method, seed, out_dir, settings)`` writes into ``out_dir``:
+``run_glue(task, method, seed, out_dir, settings)`` (GLUE, validation metrics) and
+``run_causal_lm(text_file, method, seed, out_dir, settings)`` (held-out perplexity) write into
+``out_dir``:
 
 * ``config.yaml``      the resolved settings of the run
 * ``probe.json``       the curvature report (SADRA variants)
