@@ -132,3 +132,17 @@ def test_non_finite_loss_while_probing_names_the_batch(tmp_path, glue_dir, nan_m
                    "--batch-size", "4", "--num-batches", "1", "--head-warmup-steps", "0", "--out", tmp_path / "p.json")
     assert_one_line_error(proc, "non-finite loss", "batch 0")
     assert not (tmp_path / "p.json").exists()
+
+
+def test_resume_skips_a_half_written_checkpoint(tmp_path):
+    from sadra.train import last_complete_checkpoint
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+        if complete:
+            (ckpt / "trainer_state.json").write_text('{"global_step": %d}' % step)
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_st')  # torn while writing
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert not (tmp_path / "checkpoint-6").exists() and not (tmp_path / "checkpoint-4").exists()

@@ -138,9 +138,26 @@ def _prepare(method: str, settings: Mapping[str, Any], out_dir, header: Mapping[
     return settings, out, device, distributed
 
 
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint whose trainer_state.json (the Trainer writes it last) parses.
+
+    Newer, half-written checkpoints (a kill during saving) are removed so that neither the
+    resume nor the Trainer's checkpoint rotation trips over them.
+    """
+    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for ckpt in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            return ckpt
+        except (OSError, ValueError):
+            if is_main_process():
+                shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
 def _fit(trainer, out: Path) -> tuple[float, str | None]:
-    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    resume = str(checkpoints[-1]) if checkpoints else None
+    last = last_complete_checkpoint(out / "checkpoints")
+    resume = str(last) if last else None
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     return time.perf_counter() - start, resume
