@@ -181,19 +181,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--probes-per-batch", type=int, default=4)
     parser.add_argument("--skip-training", action="store_true", help="skip the (minutes-long) LoRA training comparison")
+    parser.add_argument("--only", choices=["units", "stability", "training"], default=None, help="measure one part only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from sadra.config import load_benchmark_config
 
     preset = load_benchmark_config(args.preset).resolve(args.task, "sadra")
     figures = {"machine": f"{torch.get_num_threads()} threads, {sys.platform}", "torch": torch.__version__,
                "default_estimator": preset["probe"]["estimator"], "default_mode": preset["probe"]["mode"]}
-    figures.update(unit_costs(args.glue_dir, args.task, args.batch_size, args.max_length, args.repeats,
-                              args.probes_per_batch))
-    figures["stability"] = stability(args.glue_dir, args.task, preset)
-    if not args.skip_training:
+    if args.only in (None, "units"):
+        figures.update(unit_costs(args.glue_dir, args.task, args.batch_size, args.max_length, args.repeats,
+                                  args.probes_per_batch))
+    if args.only in (None, "stability"):
+        figures["stability"] = stability(args.glue_dir, args.task, preset)
+    if args.only == "training" or (args.only is None and not args.skip_training):
         import tempfile
 
         figures.update(calibration_vs_training(args.glue_dir, args.train_task, args.preset, Path(tempfile.mkdtemp())))
@@ -202,7 +207,7 @@ def main() -> None:
     for key, value in figures.items():
         if isinstance(value, float):
             print(f"{key:32s} {value:.3f}")
-    for label, st in figures["stability"].items():
+    for label, st in figures.get("stability", {}).items():
         print(f"stability {label:22s} spearman {st['spearman']:.3f}  same-rank {st['same_rank_fraction']:.2f}  "
               f"median rel. s.e. {st['median_relative_stderr']:.3f}  {st['seconds_per_calibration']:.1f} s")
 
