@@ -83,3 +83,18 @@ def test_peft_model_has_exactly_the_allocated_ranks_and_parameters(tmp_path):
     torch.testing.assert_close(reloaded, logits, rtol=1e-5, atol=1e-5)
     base_logits = load_model("minilm", 2, seed=0)[0].eval()(**enc).logits
     assert not torch.allclose(base_logits, logits, atol=1e-3)  # the adapter did change the model
+
+
+def test_readme_python_example_runs(glue_dir, monkeypatch):
+    """The README's API example, made cheap (fewer probes and batches), runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    code = re.search(r"## Python API\s+```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace('"../shared/glue"', repr(str(glue_dir))).replace("max_probes=16", "max_probes=2")
+    code = code.replace("num_batches=4, batch_size=16", "num_batches=1, batch_size=4").replace("head_warmup_steps=50", "head_warmup_steps=2")
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    alloc, peft_model = namespace["alloc"], namespace["peft_model"]
+    assert lora_parameter_count(peft_model) == alloc.params <= alloc.budget == 331_776
