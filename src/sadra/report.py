@@ -135,7 +135,7 @@ def _loss_curves(folder: Path, task: str, methods: list[str], seeds: dict[str, l
         return None
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (cross-entropy)")
-    if "adalora" in methods and any(seeds.get("adalora")):
+    if "adalora" in methods and seeds.get("adalora"):
         ax.text(0.01, 0.01, "AdaLoRA's logged loss includes its orthogonal regulariser", transform=ax.transAxes,
                 fontsize=7, color=PALETTE["adalora"], va="bottom")
     ax.set_title(f"{task}: training loss (mean over seeds; band = min-max)")
