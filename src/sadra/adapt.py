@@ -134,7 +134,3 @@ def eva_model(model: nn.Module, targets: Sequence[str], batches: Sequence[Any], 
     peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
     initialize_lora_eva_weights(peft_model, dataloader=list(batches), show_progress_bar=progress)
     return peft_model
-
-
-def head_modules(model: nn.Module) -> list[str]:
-    return head_module_names(model)

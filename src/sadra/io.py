@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import DataError, OutputError
 
@@ -140,7 +140,3 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         if isinstance(obj, dict):
             out.append(obj)
     return out
-
-
-def iter_lines(path: str | Path) -> Iterable[str]:
-    return read_text(path).splitlines()
