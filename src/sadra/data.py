@@ -164,20 +164,30 @@ def split_names(spec: TaskSpec) -> list[str]:
     return ["train"] + [s for s, _ in spec.eval_splits]
 
 
+def _split_files(spec: TaskSpec) -> dict[str, str]:
+    return {"train": "train.tsv", **dict(spec.eval_splits)}
+
+
+def _local_file(spec: TaskSpec, split: str, root: Path) -> Path:
+    """The TSV of ``split`` under a local GLUE folder, or DataError naming what is missing."""
+    if not root.is_dir():
+        raise DataError(f"GLUE folder {str(root)!r} does not exist; pass --glue-dir or set {GLUE_ENV} to a folder holding {spec.folder}/")
+    name = _split_files(spec)[split]
+    path = root / spec.folder / name
+    if not path.is_file():
+        raise DataError(f"GLUE file {str(path)!r} is missing; the folder must hold {spec.folder}/{name} in GLUE's layout")
+    return path
+
+
 def load_glue(task: str | TaskSpec, split: str = "train", glue_dir: str | os.PathLike | None = None) -> list[Example]:
     """Rows of one split: from ``glue_dir`` (or ``SADRA_GLUE_DIR``) if given, else from the hub."""
     spec = task if isinstance(task, TaskSpec) else get_task(task)
-    files = {"train": "train.tsv", **dict(spec.eval_splits)}
-    if split not in files:
-        raise DataError(f"{spec.name} has no split {split!r}; choose one of: {', '.join(files)}")
+    if split not in _split_files(spec):
+        raise DataError(f"{spec.name} has no split {split!r}; choose one of: {', '.join(_split_files(spec))}")
     root = glue_dir_from_env(glue_dir)
     if root is None:
         return _load_from_hub(spec, split)
-    if not root.is_dir():
-        raise DataError(f"GLUE folder {str(root)!r} does not exist; pass --glue-dir or set {GLUE_ENV} to a folder holding {spec.folder}/")
-    path = root / spec.folder / files[split]
-    if not path.is_file():
-        raise DataError(f"GLUE file {str(path)!r} is missing; the folder must hold {spec.folder}/{files[split]} in GLUE's layout")
+    path = _local_file(spec, split, root)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -206,12 +216,7 @@ def check_glue_folder(task: str | TaskSpec, glue_dir: str | os.PathLike | None) 
     if root is None:
         return
     for split in split_names(spec):
-        files = {"train": "train.tsv", **dict(spec.eval_splits)}
-        path = root / spec.folder / files[split]
-        if not root.is_dir():
-            raise DataError(f"GLUE folder {str(root)!r} does not exist; pass --glue-dir or set {GLUE_ENV} to a folder holding {spec.folder}/")
-        if not path.is_file():
-            raise DataError(f"GLUE file {str(path)!r} is missing; the folder must hold {spec.folder}/{files[split]} in GLUE's layout")
+        path = _local_file(spec, split, root)
         with open(path, "rb") as fh:
             head = fh.read(1 << 16)
         cut = head.rfind(b"\n")
