@@ -4,18 +4,22 @@
 
 Figures (ratios of times or memory measured in this run, on the same batch):
 
-* hvp_over_grad              one Hutchinson probe (joint mode: graph + one HvP giving every module a
-                             sample) over one plain gradient of the same loss w.r.t. the target weights
-* hvp_over_grad_reused       the same when ``probes_per_batch`` probes share the batch's graph
+* hvp_over_grad              one Hutchinson probe (joint mode: one HvP giving every module a sample) as
+                             the library runs it by default (default_probes_per_batch probes share a
+                             batch's first-order graph, its cost split among them) over one plain
+                             gradient of the same loss w.r.t. the target weights
+* hvp_over_grad_unshared     the same with one probe per graph (graph + one HvP)
 * per_module_round_over_grad one per-module round (graph + one HvP per module) over one gradient
-* fisher_over_grad           one Fisher probe (sampled labels, one backward) over one gradient
-* calibration_over_training  the cpu preset's calibration (head warm-up + probe) over one `lora` training
-                             run of the cpu preset on the same task
+* fisher_over_grad           one Fisher probe (forward, sampled labels, one backward) over one gradient
+* fisher_over_grad_shared    the same per probe when --probes-per-batch probes share one forward
+* calibration_over_training  the default calibration (sadra.config.RUN_DEFAULTS["probe"]: head warm-up
+                             + probe with the default estimator) over one `lora` training run of the
+                             cpu preset on the same task
 * probe_peak_over_train_peak peak memory of that calibration over peak memory of that training, both
                              measured as the growth of resident memory over the loaded model
 * stability                  per estimator/mode: Spearman correlation of module scores between two
-                             independent calibrations (other seed, other batches) at the default cost,
-                             and the fraction of modules that get the same rank
+                             independent calibrations (other seed, other batches) with the default
+                             calibration settings, and the fraction of modules that get the same rank
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def median_seconds(fn, repeats: int) -> float:
 def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repeats: int, probes_per_batch: int) -> dict:
     from sadra.data import calibration_batches, load_glue
     from sadra.models import find_targets, load_model
-    from sadra.probe import (_first_order, _fisher_round, _hutchinson_round, _probe_state, hf_logits, hf_loss)
+    from sadra.probe import (_first_order, _fisher_logits, _fisher_round, _hutchinson_round,
+                             _probe_state, default_probes_per_batch, hf_logits, hf_loss)
 
     model, tokenizer = load_model("minilm", 2, seed=0)
     rows = load_glue(task, "train", glue_dir)
@@ -53,38 +58,38 @@ def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repea
     params = [model.get_submodule(n).weight for n in names]
     device = params[0].device
     gen = torch.Generator().manual_seed(0)
-    out = {"batch_size": batch_size, "tokens": int(batch["input_ids"].shape[1]), "modules": len(names)}
+    shared_hvp = default_probes_per_batch("hutchinson", "joint")
+    out = {"batch_size": batch_size, "tokens": int(batch["input_ids"].shape[1]), "modules": len(names),
+           "hutchinson_probes_per_graph": shared_hvp, "fisher_probes_per_forward": probes_per_batch}
     with _probe_state(model, params):
         def grad():
             torch.autograd.grad(hf_loss(model, batch), params)
 
-        def joint():
+        def joint(k):
             g = _first_order(model, batch, params, hf_loss, device, 0)
-            _hutchinson_round(g, params, gen, "joint", retain=False)
-
-        def joint_reused():
-            g = _first_order(model, batch, params, hf_loss, device, 0)
-            for k in range(probes_per_batch):
-                _hutchinson_round(g, params, gen, "joint", retain=k + 1 < probes_per_batch)
+            for i in range(k):
+                _hutchinson_round(g, params, gen, "joint", retain=i + 1 < k)
 
         def per_module():
             g = _first_order(model, batch, params, hf_loss, device, 0)
             _hutchinson_round(g, params, gen, "per_module", retain=False)
 
-        def fisher():
-            _fisher_round(model, batch, params, hf_logits, gen, device, 0)
+        def fisher(k):
+            logits = _fisher_logits(model, batch, hf_logits, device, 0)
+            for i in range(k):
+                _fisher_round(logits, batch, params, gen, retain=i + 1 < k)
 
         t_grad = median_seconds(grad, repeats)
         out["grad_seconds"] = t_grad
-        out["hvp_over_grad"] = median_seconds(joint, repeats) / t_grad
-        out["hvp_over_grad_reused"] = median_seconds(joint_reused, max(1, repeats // 2)) / probes_per_batch / t_grad
-        out["probes_per_batch"] = probes_per_batch
+        out["hvp_over_grad"] = median_seconds(lambda: joint(shared_hvp), repeats) / shared_hvp / t_grad
+        out["hvp_over_grad_unshared"] = median_seconds(lambda: joint(1), repeats) / t_grad
         out["per_module_round_over_grad"] = median_seconds(per_module, max(1, repeats // 2)) / t_grad
-        out["fisher_over_grad"] = median_seconds(fisher, repeats) / t_grad
+        out["fisher_over_grad"] = median_seconds(lambda: fisher(1), repeats) / t_grad
+        out["fisher_over_grad_shared"] = median_seconds(lambda: fisher(probes_per_batch), repeats) / probes_per_batch / t_grad
     return out
 
 
-def stability(glue_dir: str, task: str, preset: dict) -> dict:
+def stability(glue_dir: str, task: str, probe: dict, max_length: int) -> dict:
     from scipy.stats import spearmanr
 
     from sadra.allocate import allocate_ranks
@@ -92,24 +97,26 @@ def stability(glue_dir: str, task: str, preset: dict) -> dict:
     from sadra.models import load_model
     from sadra.probe import estimate_sensitivity
 
-    pr = preset["probe"]
     rows = load_glue(task, "train", glue_dir)
     result = {}
-    for label, estimator, mode in (("hutchinson_per_module", "hutchinson", "per_module"),
-                                   ("hutchinson_joint", "hutchinson", "joint"), ("fisher", "fisher", "per_module")):
+    for label, estimator, mode in (("fisher", "fisher", "per_module"), ("hutchinson_per_module", "hutchinson", "per_module"),
+                                   ("hutchinson_joint", "hutchinson", "joint")):
         reports = []
         for seed in (0, 1):
             model, tokenizer = load_model("minilm", 2, seed=0)  # same head init: only probes and batches differ
-            batches = calibration_batches(rows, tokenizer, num_batches=pr["num_batches"], batch_size=pr["batch_size"],
-                                          max_length=preset["max_length"], seed=100 + seed)
-            reports.append(estimate_sensitivity(model, batches, estimator=estimator, mode=mode, max_probes=pr["max_probes"],
-                                                rtol=pr["rtol"], seed=seed, head_warmup_steps=pr["head_warmup_steps"]))
+            batches = calibration_batches(rows, tokenizer, num_batches=probe["num_batches"], batch_size=probe["batch_size"],
+                                          max_length=max_length, seed=100 + seed)
+            reports.append(estimate_sensitivity(
+                model, batches, estimator=estimator, mode=mode, max_probes=probe["max_probes"], min_probes=probe["min_probes"],
+                rtol=probe["rtol"], probes_per_batch=probe["probes_per_batch"], seed=seed,
+                head_warmup_steps=probe["head_warmup_steps"], head_warmup_lr=probe["head_warmup_lr"]))
         names = list(reports[0].scores)
         rho = spearmanr([reports[0].scores[n] for n in names], [reports[1].scores[n] for n in names])[0]
         allocs = [allocate_ranks(r, min_rank=2, max_rank=32) for r in reports]
         same = sum(allocs[0].ranks[n] == allocs[1].ranks[n] for n in names) / len(names)
         rel = sorted(r for rep in reports for r in rep.relative_stderr.values())
-        result[label] = {"spearman": float(rho), "same_rank_fraction": same, "probes": reports[0].probes,
+        result[label] = {"spearman": float(rho), "same_rank_fraction": same,
+                         "probes": [r.probes for r in reports],
                          "seconds_per_calibration": statistics.mean(r.seconds for r in reports),
                          "median_relative_stderr": rel[len(rel) // 2]}
     return result
@@ -124,20 +131,22 @@ def rss_mb():
             return int(line.split()[1]) / 1024
 from sadra.config import load_benchmark_config
 cfg = load_benchmark_config(preset_name, overrides=[f"glue_dir={glue_dir}"])
-settings = cfg.resolve(task, "sadra" if mode == "calibrate" else "lora")
+settings = cfg.resolve(task, "lora")
 if mode == "calibrate":
+    from sadra.config import RUN_DEFAULTS
     from sadra.data import calibration_batches, load_glue, subsample
     from sadra.models import load_model
     from sadra.probe import estimate_sensitivity
     rows = subsample(load_glue(task, "train", glue_dir), settings["max_train_samples"], settings["data_seed"])
     model, tok = load_model(settings["model"], 2, seed=0)
-    pr = settings["probe"]
+    pr = RUN_DEFAULTS["probe"]  # the default calibration, on the preset's rows and max length
     batches = calibration_batches(rows, tok, num_batches=pr["num_batches"], batch_size=pr["batch_size"],
                                   max_length=settings["max_length"], seed=0)
     base = rss_mb()
     start = time.perf_counter()
     estimate_sensitivity(model, batches, estimator=pr["estimator"], mode=pr["mode"], max_probes=pr["max_probes"],
-                         rtol=pr["rtol"], seed=0, head_warmup_steps=pr["head_warmup_steps"])
+                         min_probes=pr["min_probes"], rtol=pr["rtol"], probes_per_batch=pr["probes_per_batch"], seed=0,
+                         head_warmup_steps=pr["head_warmup_steps"], head_warmup_lr=pr["head_warmup_lr"])
     seconds = time.perf_counter() - start
 else:
     import tempfile
@@ -173,13 +182,12 @@ def calibration_vs_training(glue_dir: str, task: str, preset: str, tmp: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glue-dir", required=True)
-    parser.add_argument("--task", default="sst2", help="task for the unit costs and stability")
-    parser.add_argument("--train-task", default="mrpc", help="task of the calibration-vs-training comparison")
+    parser.add_argument("--task", default="sst2", help="task for the unit costs, stability and calibration vs training")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--probes-per-batch", type=int, default=4)
+    parser.add_argument("--probes-per-batch", type=int, default=4, help="Fisher probes sharing one forward (unit costs)")
     parser.add_argument("--skip-training", action="store_true", help="skip the (minutes-long) LoRA training comparison")
     parser.add_argument("--only", choices=["units", "stability", "training"], default=None, help="measure one part only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -188,20 +196,28 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from sadra.config import load_benchmark_config
+    import inspect
 
-    preset = load_benchmark_config(args.preset).resolve(args.task, "sadra")
+    from sadra.config import RUN_DEFAULTS, load_benchmark_config
+    from sadra.probe import estimate_sensitivity
+
+    probe = RUN_DEFAULTS["probe"]
+    api_default = inspect.signature(estimate_sensitivity).parameters["estimator"].default
+    if api_default != probe["estimator"]:
+        sys.exit(f"error: the API's default estimator ({api_default}) differs from the config's ({probe['estimator']})")
+    max_length = load_benchmark_config(args.preset).resolve(args.task, "lora")["max_length"]
     figures = {"machine": f"{torch.get_num_threads()} threads, {sys.platform}", "torch": torch.__version__,
-               "default_estimator": preset["probe"]["estimator"], "default_mode": preset["probe"]["mode"]}
+               "task": args.task, "default_estimator": probe["estimator"],
+               "default_calibration": {**probe, "max_length": max_length}}
     if args.only in (None, "units"):
         figures.update(unit_costs(args.glue_dir, args.task, args.batch_size, args.max_length, args.repeats,
                                   args.probes_per_batch))
     if args.only in (None, "stability"):
-        figures["stability"] = stability(args.glue_dir, args.task, preset)
+        figures["stability"] = stability(args.glue_dir, args.task, probe, max_length)
     if args.only == "training" or (args.only is None and not args.skip_training):
         import tempfile
 
-        figures.update(calibration_vs_training(args.glue_dir, args.train_task, args.preset, Path(tempfile.mkdtemp())))
+        figures.update(calibration_vs_training(args.glue_dir, args.task, args.preset, Path(tempfile.mkdtemp())))
     Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     print(f"{'figure':32s} value")
     for key, value in figures.items():

@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sadra.errors import CurvatureError, ModelError
-from sadra.probe import SensitivityReport, estimate_sensitivity
+from sadra.probe import SensitivityReport, default_probes_per_batch, estimate_sensitivity, warm_up_head
 
 
 class TinyNet(nn.Module):
@@ -78,13 +78,18 @@ def exact_fisher_block_traces(net, batch):
     return {t: v / x.shape[0] for t, v in traces.items()}
 
 
+# Every HvP path: a fresh first-order graph per probe (1), the default (None: 1 per-module, 8 joint),
+# and many probes on one graph (50), in both modes.
+@pytest.mark.parametrize("probes_per_batch", [1, None, 50])
 @pytest.mark.parametrize("mode", ["per_module", "joint"])
-def test_hutchinson_matches_exact_hessian_block_traces(tiny, mode):
+def test_hutchinson_matches_exact_hessian_block_traces(tiny, mode, probes_per_batch):
     net, batch = tiny
     exact = exact_hessian_block_traces(net, batch)
     report = estimate_sensitivity(net, [batch], targets=TARGETS, loss_fn=ce_loss, estimator="hutchinson",
-                                  mode=mode, max_probes=600, rtol=0, seed=3, probes_per_batch=50)
+                                  mode=mode, max_probes=600, rtol=0, seed=3, probes_per_batch=probes_per_batch)
     assert report.probes == 600
+    assert report.meta["probes_per_batch"] == (probes_per_batch or {"per_module": 1, "joint": 8}[mode])
+    assert default_probes_per_batch("hutchinson", mode) == {"per_module": 1, "joint": 8}[mode]
     for t in TARGETS:
         assert report.stderr[t] > 0
         assert abs(report.scores[t] - exact[t]) <= 3 * report.stderr[t], (t, report.scores[t], exact[t], report.stderr[t])
@@ -92,11 +97,12 @@ def test_hutchinson_matches_exact_hessian_block_traces(tiny, mode):
     assert max(report.stderr[t] / abs(exact[t]) for t in TARGETS) < 0.5
 
 
-def test_fisher_matches_exact_fisher_block_traces(tiny):
+@pytest.mark.parametrize("probes_per_batch", [None, 6])  # a forward per probe, or one shared by 6
+def test_fisher_matches_exact_fisher_block_traces(tiny, probes_per_batch):
     net, batch = tiny
     exact = exact_fisher_block_traces(net, batch)
     report = estimate_sensitivity(net, [batch], targets=TARGETS, logits_fn=logits_of, estimator="fisher",
-                                  max_probes=600, rtol=0, seed=5)
+                                  max_probes=600, rtol=0, seed=5, probes_per_batch=probes_per_batch)
     for t in TARGETS:
         assert exact[t] > 0
         assert abs(report.scores[t] - exact[t]) <= 3 * report.stderr[t], (t, report.scores[t], exact[t], report.stderr[t])
@@ -114,7 +120,7 @@ def test_probe_restores_model_state_and_only_targets_get_gradients(tiny):
         seen["requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
         return ce_loss(model, b)
 
-    estimate_sensitivity(net, [batch], targets=["l1", "l3"], loss_fn=spy_loss, max_probes=2, rtol=0)
+    estimate_sensitivity(net, [batch], targets=["l1", "l3"], loss_fn=spy_loss, estimator="hutchinson", max_probes=2, rtol=0)
     assert seen["training"] is False
     assert seen["requires_grad"] == {"l1.weight": True, "l1.bias": False, "l2.weight": False, "l2.bias": False,
                                      "l3.weight": True, "l3.bias": False}
@@ -126,7 +132,7 @@ def test_probe_restores_model_state_and_only_targets_get_gradients(tiny):
 
 def test_same_seed_same_samples_other_seed_other_samples(tiny):
     net, batch = tiny
-    kwargs = dict(targets=TARGETS, loss_fn=ce_loss, max_probes=5, rtol=0)
+    kwargs = dict(targets=TARGETS, loss_fn=ce_loss, estimator="hutchinson", max_probes=5, rtol=0)
     a = estimate_sensitivity(net, [batch], seed=11, **kwargs)
     b = estimate_sensitivity(net, [batch], seed=11, **kwargs)
     c = estimate_sensitivity(net, [batch], seed=12, **kwargs)
@@ -153,7 +159,7 @@ def test_non_finite_curvature_names_the_module():
         return ce_loss(model, b) + 1e307 * model.l2.weight.pow(2).sum()
 
     with pytest.raises(CurvatureError, match=r"module l2"):
-        estimate_sensitivity(net, [batch], targets=TARGETS, loss_fn=exploding, max_probes=2, rtol=0)
+        estimate_sensitivity(net, [batch], targets=TARGETS, loss_fn=exploding, estimator="hutchinson", max_probes=2, rtol=0)
 
 
 def test_bad_arguments_raise_specific_errors(tiny):
@@ -168,7 +174,7 @@ def test_bad_arguments_raise_specific_errors(tiny):
 
 def test_report_json_round_trip(tiny):
     net, batch = tiny
-    report = estimate_sensitivity(net, [batch], targets=TARGETS, loss_fn=ce_loss, max_probes=3, rtol=0)
+    report = estimate_sensitivity(net, [batch], targets=TARGETS, loss_fn=ce_loss, estimator="hutchinson", max_probes=3, rtol=0)
     again = SensitivityReport.from_json(report.to_json())
     assert again.scores == report.scores and again.stderr == report.stderr
     assert again.shapes == {"l1": (5, 6), "l2": (4, 5), "l3": (3, 4)}
@@ -190,3 +196,54 @@ def test_probe_on_real_minilm_with_sdpa_attention_and_head_warmup(minilm, sst2_r
     assert torch.equal(model.classifier.weight, head_before)  # warm-up is undone after probing
     hutch = estimate_sensitivity(model, batches[:1], estimator="hutchinson", mode="joint", max_probes=2, rtol=0)
     assert all(math.isfinite(v) for v in hutch.scores.values())
+
+
+def test_default_estimator_is_fisher_with_one_round_per_batch(tiny):
+    net, batch = tiny
+    other = (batch[0].flip(0), batch[1].flip(0))
+    seen = []
+
+    def logits_spy(model, b):
+        seen.append(torch.equal(b[0], other[0]))
+        return logits_of(model, b)
+
+    report = estimate_sensitivity(net, [batch, other], targets=TARGETS, logits_fn=logits_spy, max_probes=4, rtol=0)
+    assert report.estimator == "fisher" and report.meta["probes_per_batch"] == 1
+    assert seen == [False, True, False, True]  # one forward per round, cycling over the batches
+
+
+def _head_after_warm_up(model, batches, steps, **kwargs):
+    from sadra.probe import restore_head
+
+    encoder_runs = []
+    handle = model.bert.encoder.register_forward_hook(lambda *_: encoder_runs.append(1))
+    try:
+        saved = warm_up_head(model, batches, steps, seed=4, **kwargs)
+    finally:
+        handle.remove()
+    head = {k: v.detach().clone() for k, v in model.classifier.state_dict().items()}
+    restore_head(model, saved)
+    return head, len(encoder_runs)
+
+
+def test_head_warm_up_replays_the_frozen_encoder_with_identical_results(minilm, sst2_rows):
+    from sadra.data import calibration_batches
+    from sadra.probe import hf_loss
+
+    model, tokenizer = minilm
+    batches = calibration_batches(sst2_rows, tokenizer, num_batches=2, batch_size=8, max_length=24, seed=1)
+    plain, plain_runs = _head_after_warm_up(model, batches, 7, cache_bytes=0)
+    replayed, replay_runs = _head_after_warm_up(model, batches, 7)
+    assert plain_runs == 7 and replay_runs == 2  # one encoder forward per batch instead of per step
+    for k in plain:
+        assert torch.allclose(plain[k], replayed[k], atol=1e-6, rtol=0), k
+    assert not torch.equal(plain["weight"], model.classifier.weight)  # the warm-up did move the head
+
+    def twice(m, b):  # a loss that runs the model twice per step cannot be replayed
+        return 0.5 * (hf_loss(m, b) + hf_loss(m, b))
+
+    fallback, fallback_runs = _head_after_warm_up(model, batches, 5, loss_fn=twice)
+    assert fallback_runs == 10
+    reference, _ = _head_after_warm_up(model, batches, 5, loss_fn=twice, cache_bytes=0)
+    for k in fallback:
+        assert torch.allclose(fallback[k], reference[k], atol=1e-6, rtol=0), k

@@ -65,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="GLUE task whose train split gives the calibration batches")
     p.add_argument("--text-file", default=None, help="causal LM: a text file, one document per line")
     _add_data_args(p)
-    p.add_argument("--estimator", default="hutchinson", help="hutchinson (default) or fisher")
+    p.add_argument("--estimator", default="fisher", help="fisher (default) or hutchinson")
     p.add_argument("--mode", default="per_module", help="Hutchinson mode: per_module (default) or joint")
     p.add_argument("--max-probes", type=_positive_int, default=64)
     p.add_argument("--rtol", type=_non_negative_float, default=0.1, help="stop when every module's s.e./|mean| <= rtol")
+    p.add_argument("--probes-per-batch", type=_positive_int, default=None,
+                   help="rounds sharing one batch (default: 8 for hutchinson joint, else 1)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--num-batches", type=_positive_int, default=4)
     p.add_argument("--max-length", type=_positive_int, default=128)
@@ -168,8 +170,8 @@ def cmd_probe(args) -> int:
         task_name = spec.name
     report = estimate_sensitivity(
         model, batches, targets=args.targets, estimator=args.estimator, mode=args.mode, max_probes=args.max_probes,
-        rtol=args.rtol, seed=args.seed, head_warmup_steps=0 if args.text_file else args.head_warmup_steps,
-        progress=sys.stderr.isatty())
+        rtol=args.rtol, probes_per_batch=args.probes_per_batch, seed=args.seed,
+        head_warmup_steps=0 if args.text_file else args.head_warmup_steps, progress=sys.stderr.isatty())
     report.model = args.model
     report.meta["task"] = task_name
     report.save(out)

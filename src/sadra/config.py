@@ -51,14 +51,14 @@ RUN_DEFAULTS: dict[str, Any] = {
     },
     "lora": {"r": 8, "alpha": 16.0, "dropout": 0.1},
     "probe": {
-        "estimator": "hutchinson",
+        "estimator": "fisher",       # chosen from benchmarks/probe_cost.py (benchmarks/README.md)
         "mode": "per_module",
         "num_batches": 4,
         "batch_size": 16,
         "max_probes": 16,
         "min_probes": 3,
         "rtol": 0.1,
-        "probes_per_batch": 1,
+        "probes_per_batch": None,    # None: sadra.probe.default_probes_per_batch
         "head_warmup_steps": 50,
         "head_warmup_lr": 1e-3,
     },
@@ -92,6 +92,7 @@ _OPTIONAL_TYPES = {
     "max_train_samples": (int,),
     "max_eval_samples": (int,),
     "train.threads": (int,),
+    "probe.probes_per_batch": (int,),
 }
 
 _POSITIVE = {

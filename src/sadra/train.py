@@ -407,7 +407,8 @@ def _build_method(method, model, settings, seed, targets, shapes, heads, make_ba
         alloc = RankAllocation.load(settings["allocation_file"])
         _check_allocation(alloc, model)
     else:
-        # sadra-fisher always probes with the Fisher estimator; sadra with probe.estimator (Hutchinson by default).
+        # sadra-fisher always probes with the Fisher estimator; sadra with probe.estimator (Fisher by default;
+        # the benchmark presets set Hutchinson for their sadra column).
         estimator = "fisher" if method == "sadra-fisher" else settings["probe"]["estimator"]
         probe_path = out / "probe.json"
         given = settings["probe_file"]
