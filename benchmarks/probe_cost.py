@@ -9,6 +9,8 @@ Figures (ratios of times or memory measured in this run, on the same batch):
                              batch's first-order graph, its cost split among them) over one plain
                              gradient of the same loss w.r.t. the target weights
 * hvp_over_grad_unshared     the same with one probe per graph (graph + one HvP)
+* alternatives_not_adopted   the same probe as k vectors in one vmapped backward (is_grads_batched),
+                             and as forward-over-reverse (torch.func.jvp of the gradient)
 * per_module_round_over_grad one per-module round (graph + one HvP per module) over one gradient
 * fisher_over_grad           one Fisher probe (forward, sampled labels, one backward) over one gradient
 * fisher_over_grad_shared    the same per probe when --probes-per-batch probes share one forward
@@ -70,6 +72,24 @@ def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repea
             for i in range(k):
                 _hutchinson_round(g, params, gen, "joint", retain=i + 1 < k)
 
+        def joint_vmap(k):  # alternative: k probes batched into one vmapped backward
+            g = _first_order(model, batch, params, hf_loss, device, 0)
+            vs = [torch.randint(0, 2, (k, *p.shape), generator=gen).to(p.dtype).mul_(2).sub_(1) for p in params]
+            hvs = torch.autograd.grad(g, params, grad_outputs=vs, is_grads_batched=True)
+            return [(v * hv).sum() for v, hv in zip(vs, hvs)]
+
+        def forward_over_reverse():  # alternative: jvp of the gradient function (no create_graph)
+            from torch.func import functional_call, grad, jvp
+
+            names_w = [n + ".weight" for n in names]
+            vs = tuple(torch.randint(0, 2, p.shape, generator=gen).to(p.dtype).mul_(2).sub_(1) for p in params)
+
+            def loss_of(*weights):
+                return hf_loss(lambda **kw: functional_call(model, dict(zip(names_w, weights)), (), kw), batch)
+
+            _, hvs = jvp(grad(loss_of, argnums=tuple(range(len(params)))), tuple(p.detach() for p in params), vs)
+            return [torch.dot(v.reshape(-1), hv.reshape(-1)) for v, hv in zip(vs, hvs)]
+
         def per_module():
             g = _first_order(model, batch, params, hf_loss, device, 0)
             _hutchinson_round(g, params, gen, "per_module", retain=False)
@@ -83,6 +103,10 @@ def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repea
         out["grad_seconds"] = t_grad
         out["hvp_over_grad"] = median_seconds(lambda: joint(shared_hvp), repeats) / shared_hvp / t_grad
         out["hvp_over_grad_unshared"] = median_seconds(lambda: joint(1), repeats) / t_grad
+        out["alternatives_not_adopted"] = {
+            "hvp_over_grad_vmap": median_seconds(lambda: joint_vmap(shared_hvp), repeats) / shared_hvp / t_grad,
+            "hvp_over_grad_forward_over_reverse": median_seconds(forward_over_reverse, repeats) / t_grad,
+        }
         out["per_module_round_over_grad"] = median_seconds(per_module, max(1, repeats // 2)) / t_grad
         out["fisher_over_grad"] = median_seconds(lambda: fisher(1), repeats) / t_grad
         out["fisher_over_grad_shared"] = median_seconds(lambda: fisher(probes_per_batch), repeats) / probes_per_batch / t_grad
