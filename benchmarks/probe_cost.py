@@ -37,6 +37,12 @@ from pathlib import Path
 import torch
 
 
+def git_commit() -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent)
+    return proc.stdout.strip() or None
+
+
 def median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -147,12 +153,15 @@ def stability(glue_dir: str, task: str, probe: dict, max_length: int) -> dict:
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 mode, glue_dir, task, preset_name, out = sys.argv[1:6]
-def rss_mb():
+def mem_mb(key):  # VmRSS (now) or VmHWM (peak since the last reset), in MB
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
+def reset_peak():  # ru_maxrss would also count the parent's memory at fork time
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 from sadra.config import load_benchmark_config
 cfg = load_benchmark_config(preset_name, overrides=[f"glue_dir={glue_dir}"])
 settings = cfg.resolve(task, "lora")
@@ -166,7 +175,8 @@ if mode == "calibrate":
     pr = RUN_DEFAULTS["probe"]  # the default calibration, on the preset's rows and max length
     batches = calibration_batches(rows, tok, num_batches=pr["num_batches"], batch_size=pr["batch_size"],
                                   max_length=settings["max_length"], seed=0)
-    base = rss_mb()
+    reset_peak()
+    base = mem_mb("VmRSS")
     start = time.perf_counter()
     estimate_sensitivity(model, batches, estimator=pr["estimator"], mode=pr["mode"], max_probes=pr["max_probes"],
                          min_probes=pr["min_probes"], rtol=pr["rtol"], probes_per_batch=pr["probes_per_batch"], seed=0,
@@ -176,12 +186,13 @@ else:
     import tempfile
     from sadra.models import load_model
     load_model(settings["model"], 2, seed=0)
-    base = rss_mb()
+    reset_peak()
+    base = mem_mb("VmRSS")
     from sadra.train import run_glue
     start = time.perf_counter()
     rec = run_glue(task, "lora", 0, tempfile.mkdtemp(), settings, progress=False)
     seconds = rec["train_seconds"]
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = mem_mb("VmHWM")
 json.dump({"seconds": seconds, "growth_mb": peak - base, "peak_mb": peak, "base_mb": base}, open(out, "w"))
 """
 
@@ -233,6 +244,9 @@ def main() -> None:
     figures = {"machine": f"{torch.get_num_threads()} threads, {sys.platform}", "torch": torch.__version__,
                "task": args.task, "default_estimator": probe["estimator"],
                "default_calibration": {**probe, "max_length": max_length}}
+    figures.update(date=time.strftime("%Y-%m-%d"), git_commit=git_commit())
+    if args.only and Path(args.json).exists():  # measuring one part: keep the other parts' figures
+        figures = {**json.loads(Path(args.json).read_text()), **figures}
     if args.only in (None, "units"):
         figures.update(unit_costs(args.glue_dir, args.task, args.batch_size, args.max_length, args.repeats,
                                   args.probes_per_batch))

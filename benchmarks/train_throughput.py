@@ -25,13 +25,16 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 method, glue_dir, steps, batch_size, max_length, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
-def rss_mb():
+def mem_mb(key):  # VmRSS (now) or VmHWM (peak since the last reset), in MB
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
+def reset_peak():  # ru_maxrss would also count the parent's memory at fork time
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 from peft import get_peft_model
 from sadra.adapt import (adalora_config, allocated_lora_config, eva_model, uniform_lora_config)
 from sadra.allocate import allocate_ranks, uniform_budget
@@ -42,7 +45,8 @@ rows = load_glue("sst2", "train", glue_dir)
 model, tok = load_model("minilm", 2, seed=0)
 batches = calibration_batches(rows, tok, num_batches=8, batch_size=batch_size, max_length=max_length, seed=0)
 targets = find_targets(model); shapes = target_shapes(model, targets); heads = head_module_names(model)
-base = rss_mb()
+reset_peak()
+base = mem_mb("VmRSS")
 setup_seconds = 0.0
 if method == "lora":
     model = get_peft_model(model, uniform_lora_config(targets, r=8, alpha=16, dropout=0.1, modules_to_save=heads, task_type="SEQ_CLS"))
@@ -71,7 +75,7 @@ start = time.perf_counter()
 for i in range(1, steps + 1):
     step(i)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = mem_mb("VmHWM")
 json.dump({"steps_per_second": steps / seconds, "steps_per_second_with_setup": steps / (seconds + setup_seconds),
            "setup_seconds": setup_seconds, "peak_memory_growth_mb": peak - base}, open(out, "w"))
 """
