@@ -19,6 +19,7 @@ Figures (ratios of times or memory measured in this run, on the same batch):
                              cpu preset on the same task
 * probe_peak_over_train_peak peak memory of that calibration over peak memory of that training, both
                              measured as the growth of resident memory over the loaded model
+                             (hutchinson_probe_peak_over_train_peak: the same calibration with Hutchinson)
 * stability                  per estimator/mode: Spearman correlation of module scores between two
                              independent calibrations (other seed, other batches) with the default
                              calibration settings, and the fraction of modules that get the same rank
@@ -165,14 +166,16 @@ def reset_peak():  # ru_maxrss would also count the parent's memory at fork time
 from sadra.config import load_benchmark_config
 cfg = load_benchmark_config(preset_name, overrides=[f"glue_dir={glue_dir}"])
 settings = cfg.resolve(task, "lora")
-if mode == "calibrate":
+if mode.startswith("calibrate"):
     from sadra.config import RUN_DEFAULTS
     from sadra.data import calibration_batches, load_glue, subsample
     from sadra.models import load_model
     from sadra.probe import estimate_sensitivity
     rows = subsample(load_glue(task, "train", glue_dir), settings["max_train_samples"], settings["data_seed"])
     model, tok = load_model(settings["model"], 2, seed=0)
-    pr = RUN_DEFAULTS["probe"]  # the default calibration, on the preset's rows and max length
+    pr = dict(RUN_DEFAULTS["probe"])  # the default calibration, on the preset's rows and max length
+    if mode == "calibrate-hutchinson":  # the same with Hutchinson's estimator, for its memory
+        pr.update(estimator="hutchinson", max_probes=2, min_probes=2)
     batches = calibration_batches(rows, tok, num_batches=pr["num_batches"], batch_size=pr["batch_size"],
                                   max_length=settings["max_length"], seed=0)
     reset_peak()
@@ -199,18 +202,20 @@ json.dump({"seconds": seconds, "growth_mb": peak - base, "peak_mb": peak, "base_
 
 def calibration_vs_training(glue_dir: str, task: str, preset: str, tmp: Path) -> dict:
     results = {}
-    for mode in ("calibrate", "train"):
+    for mode in ("calibrate", "train", "calibrate-hutchinson"):
         out = tmp / f"{mode}.json"
         subprocess.run([sys.executable, "-c", CHILD, mode, glue_dir, task, preset, str(out)], check=True,
                        stdout=subprocess.DEVNULL)
         results[mode] = json.loads(out.read_text())
+    train_growth = max(results["train"]["growth_mb"], 1e-9)
     return {
         "calibration_seconds": results["calibrate"]["seconds"],
         "lora_train_seconds": results["train"]["seconds"],
         "calibration_over_training": results["calibrate"]["seconds"] / results["train"]["seconds"],
         "calibration_memory_growth_mb": results["calibrate"]["growth_mb"],
         "train_memory_growth_mb": results["train"]["growth_mb"],
-        "probe_peak_over_train_peak": results["calibrate"]["growth_mb"] / max(results["train"]["growth_mb"], 1e-9),
+        "probe_peak_over_train_peak": results["calibrate"]["growth_mb"] / train_growth,
+        "hutchinson_probe_peak_over_train_peak": results["calibrate-hutchinson"]["growth_mb"] / train_growth,
     }
 
 
@@ -244,9 +249,11 @@ def main() -> None:
     figures = {"machine": f"{torch.get_num_threads()} threads, {sys.platform}", "torch": torch.__version__,
                "task": args.task, "default_estimator": probe["estimator"],
                "default_calibration": {**probe, "max_length": max_length}}
-    figures.update(date=time.strftime("%Y-%m-%d"), git_commit=git_commit())
     if args.only and Path(args.json).exists():  # measuring one part: keep the other parts' figures
         figures = {**json.loads(Path(args.json).read_text()), **figures}
+    parts = ["units", "stability"] + ([] if args.skip_training else ["training"]) if args.only is None else [args.only]
+    figures["measured"] = {**figures.get("measured", {}),
+                           **{part: {"date": time.strftime("%Y-%m-%d"), "git_commit": git_commit()} for part in parts}}
     if args.only in (None, "units"):
         figures.update(unit_costs(args.glue_dir, args.task, args.batch_size, args.max_length, args.repeats,
                                   args.probes_per_batch))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,7 @@ setup_seconds = 0.0
 if method == "lora":
     model = get_peft_model(model, uniform_lora_config(targets, r=8, alpha=16, dropout=0.1, modules_to_save=heads, task_type="SEQ_CLS"))
 elif method == "sadra":
-    report = estimate_sensitivity(model, batches[:2], estimator="fisher", max_probes=4, rtol=0)
+    report = estimate_sensitivity(model, batches[:4], max_probes=8, rtol=0)  # the default (Fisher) probe
     alloc = allocate_ranks(report, budget=uniform_budget(shapes, 8), min_rank=2, max_rank=32)
     model = get_peft_model(model, allocated_lora_config(alloc, dropout=0.1, alpha_ratio=2.0, use_rslora=False, modules_to_save=heads, task_type="SEQ_CLS"))
 elif method == "adalora":
@@ -83,21 +84,38 @@ json.dump({"steps_per_second": steps / seconds, "steps_per_second_with_setup": s
 METHODS = ("lora", "sadra", "adalora", "eva", "full")
 
 
+def git_commit() -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent)
+    return proc.stdout.strip() or None
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glue-dir", required=True)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per method (alternating order)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    runs = {}
-    for method in METHODS:
-        out = tmp / f"{method}.json"
-        subprocess.run([sys.executable, "-c", CHILD, method, args.glue_dir, str(args.steps), str(args.batch_size),
-                        str(args.max_length), str(out)], check=True, stdout=subprocess.DEVNULL)
-        runs[method] = json.loads(out.read_text())
+    # Each method runs --repeats times in its own process, in forward then reverse order, so a
+    # drift of the machine's speed during the run falls on every method alike; steps/s is the mean.
+    measured: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for rep in range(args.repeats):
+        for method in (METHODS if rep % 2 == 0 else METHODS[::-1]):
+            out = tmp / f"{method}-{rep}.json"
+            subprocess.run([sys.executable, "-c", CHILD, method, args.glue_dir, str(args.steps), str(args.batch_size),
+                            str(args.max_length), str(out)], check=True, stdout=subprocess.DEVNULL)
+            measured[method].append(json.loads(out.read_text()))
+    runs = {m: {k: statistics.mean(r[k] for r in rs) for k in rs[0]} for m, rs in measured.items()}
     lora = runs["lora"]["steps_per_second"]
     figures = {
         "sadra_over_lora": runs["sadra"]["steps_per_second"] / lora,
@@ -108,7 +126,8 @@ def main() -> None:
         "peak_memory_mb": {m: round(r["peak_memory_growth_mb"], 1) for m, r in runs.items()},
         "steps_per_second": {m: round(r["steps_per_second"], 3) for m, r in runs.items()},
         "eva_setup_seconds": runs["eva"]["setup_seconds"],
-        "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+        "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "repeats": args.repeats,
+        "date": time.strftime("%Y-%m-%d"), "git_commit": git_commit(), "torch_threads": torch_threads(),
     }
     Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     print(f"{'method':10s} {'steps/s':>8s} {'vs lora':>8s} {'peak MB':>8s}")
