@@ -22,13 +22,16 @@ Figures (ratios of times or memory measured in this run, on the same batch):
                              (hutchinson_probe_peak_over_train_peak: the same calibration with Hutchinson)
 * stability                  per estimator/mode: Spearman correlation of module scores between two
                              independent calibrations (other seed, other batches) with the default
-                             calibration settings, and the fraction of modules that get the same rank
+                             calibration settings, and the fraction of modules that get the same rank;
+                             spearman_same_batches: the same with only the random draws differing
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -129,24 +132,32 @@ def stability(glue_dir: str, task: str, probe: dict, max_length: int) -> dict:
     from sadra.probe import estimate_sensitivity
 
     rows = load_glue(task, "train", glue_dir)
+
+    def calibrate(estimator, mode, batch_seed, probe_seed):
+        model, tokenizer = load_model("minilm", 2, seed=0)  # the same head init every time
+        batches = calibration_batches(rows, tokenizer, num_batches=probe["num_batches"], batch_size=probe["batch_size"],
+                                      max_length=max_length, seed=batch_seed)
+        return estimate_sensitivity(
+            model, batches, estimator=estimator, mode=mode, max_probes=probe["max_probes"], min_probes=probe["min_probes"],
+            rtol=probe["rtol"], probes_per_batch=probe["probes_per_batch"], seed=probe_seed,
+            head_warmup_steps=probe["head_warmup_steps"], head_warmup_lr=probe["head_warmup_lr"])
+
+    def spearman(a, b):
+        names = list(a.scores)
+        return float(spearmanr([a.scores[n] for n in names], [b.scores[n] for n in names])[0])
+
     result = {}
     for label, estimator, mode in (("fisher", "fisher", "per_module"), ("hutchinson_per_module", "hutchinson", "per_module"),
                                    ("hutchinson_joint", "hutchinson", "joint")):
-        reports = []
-        for seed in (0, 1):
-            model, tokenizer = load_model("minilm", 2, seed=0)  # same head init: only probes and batches differ
-            batches = calibration_batches(rows, tokenizer, num_batches=probe["num_batches"], batch_size=probe["batch_size"],
-                                          max_length=max_length, seed=100 + seed)
-            reports.append(estimate_sensitivity(
-                model, batches, estimator=estimator, mode=mode, max_probes=probe["max_probes"], min_probes=probe["min_probes"],
-                rtol=probe["rtol"], probes_per_batch=probe["probes_per_batch"], seed=seed,
-                head_warmup_steps=probe["head_warmup_steps"], head_warmup_lr=probe["head_warmup_lr"]))
-        names = list(reports[0].scores)
-        rho = spearmanr([reports[0].scores[n] for n in names], [reports[1].scores[n] for n in names])[0]
+        first = calibrate(estimator, mode, batch_seed=100, probe_seed=0)
+        other = calibrate(estimator, mode, batch_seed=101, probe_seed=1)  # the independent calibration
+        same_batches = calibrate(estimator, mode, batch_seed=100, probe_seed=1)  # only the random draws differ
+        reports = [first, other]
         allocs = [allocate_ranks(r, min_rank=2, max_rank=32) for r in reports]
-        same = sum(allocs[0].ranks[n] == allocs[1].ranks[n] for n in names) / len(names)
+        same = sum(allocs[0].ranks[n] == allocs[1].ranks[n] for n in first.scores) / len(first.scores)
         rel = sorted(r for rep in reports for r in rep.relative_stderr.values())
-        result[label] = {"spearman": float(rho), "same_rank_fraction": same,
+        result[label] = {"spearman": spearman(first, other), "same_rank_fraction": same,
+                         "spearman_same_batches": spearman(first, same_batches),
                          "probes": [r.probes for r in reports],
                          "seconds_per_calibration": statistics.mean(r.seconds for r in reports),
                          "median_relative_stderr": rel[len(rel) // 2]}
@@ -246,7 +257,8 @@ def main() -> None:
     if api_default != probe["estimator"]:
         sys.exit(f"error: the API's default estimator ({api_default}) differs from the config's ({probe['estimator']})")
     max_length = load_benchmark_config(args.preset).resolve(args.task, "lora")["max_length"]
-    figures = {"machine": f"{torch.get_num_threads()} threads, {sys.platform}", "torch": torch.__version__,
+    figures = {"machine": f"{os.cpu_count()} cores {platform.machine()}, {torch.get_num_threads()} torch threads, {sys.platform}",
+               "torch": torch.__version__,
                "task": args.task, "default_estimator": probe["estimator"],
                "default_calibration": {**probe, "max_length": max_length}}
     if args.only and Path(args.json).exists():  # measuring one part: keep the other parts' figures
@@ -269,7 +281,8 @@ def main() -> None:
         if isinstance(value, float):
             print(f"{key:32s} {value:.3f}")
     for label, st in figures.get("stability", {}).items():
-        print(f"stability {label:22s} spearman {st['spearman']:.3f}  same-rank {st['same_rank_fraction']:.2f}  "
+        print(f"stability {label:22s} spearman {st['spearman']:.3f} (same batches {st['spearman_same_batches']:.3f})  "
+              f"same-rank {st['same_rank_fraction']:.2f}  "
               f"median rel. s.e. {st['median_relative_stderr']:.3f}  {st['seconds_per_calibration']:.1f} s")
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -127,7 +129,8 @@ def main() -> None:
         "steps_per_second": {m: round(r["steps_per_second"], 3) for m, r in runs.items()},
         "eva_setup_seconds": runs["eva"]["setup_seconds"],
         "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "repeats": args.repeats,
-        "date": time.strftime("%Y-%m-%d"), "git_commit": git_commit(), "torch_threads": torch_threads(),
+        "date": time.strftime("%Y-%m-%d"), "git_commit": git_commit(),
+        "machine": f"{os.cpu_count()} cores {platform.machine()}, {torch_threads()} torch threads",
     }
     Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     print(f"{'method':10s} {'steps/s':>8s} {'vs lora':>8s} {'peak MB':>8s}")
