@@ -20,6 +20,8 @@ Figures (ratios of times or memory measured in this run, on the same batch):
 * probe_peak_over_train_peak peak memory of that calibration over peak memory of that training, both
                              measured as the growth of resident memory over the loaded model
                              (hutchinson_probe_peak_over_train_peak: the same calibration with Hutchinson)
+* head_warmup_replay_speedup the default head warm-up run every step over the same with the frozen
+                             encoder's output replayed per batch (the library's default)
 * stability                  per estimator/mode: Spearman correlation of module scores between two
                              independent calibrations (other seed, other batches) with the default
                              calibration settings, and the fraction of modules that get the same rank;
@@ -121,6 +123,24 @@ def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repea
         out["fisher_over_grad"] = median_seconds(lambda: fisher(1), repeats) / t_grad
         out["fisher_over_grad_shared"] = median_seconds(lambda: fisher(probes_per_batch), repeats) / probes_per_batch / t_grad
     return out
+
+
+def warmup_replay(glue_dir: str, task: str, probe: dict, max_length: int) -> dict:
+    """Seconds of the default head warm-up with the encoder replayed (the default) and run every step."""
+    from sadra.data import calibration_batches, load_glue
+    from sadra.models import load_model
+    from sadra.probe import restore_head, warm_up_head
+
+    model, tokenizer = load_model("minilm", 2, seed=0)
+    batches = calibration_batches(load_glue(task, "train", glue_dir), tokenizer, num_batches=probe["num_batches"],
+                                  batch_size=probe["batch_size"], max_length=max_length, seed=0)
+    seconds = {}
+    for label, cache_bytes in (("replayed", 1 << 29), ("every_step", 0)):
+        start = time.perf_counter()
+        saved = warm_up_head(model, batches, probe["head_warmup_steps"], lr=probe["head_warmup_lr"], cache_bytes=cache_bytes)
+        seconds[label] = time.perf_counter() - start
+        restore_head(model, saved)
+    return {"head_warmup_seconds": seconds, "head_warmup_replay_speedup": seconds["every_step"] / seconds["replayed"]}
 
 
 def stability(glue_dir: str, task: str, probe: dict, max_length: int) -> dict:
@@ -269,6 +289,7 @@ def main() -> None:
     if args.only in (None, "units"):
         figures.update(unit_costs(args.glue_dir, args.task, args.batch_size, args.max_length, args.repeats,
                                   args.probes_per_batch))
+        figures.update(warmup_replay(args.glue_dir, args.task, probe, max_length))
     if args.only in (None, "stability"):
         figures["stability"] = stability(args.glue_dir, args.task, probe, max_length)
     if args.only == "training" or (args.only is None and not args.skip_training):
