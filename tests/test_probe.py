@@ -247,3 +247,25 @@ def test_head_warm_up_replays_the_frozen_encoder_with_identical_results(minilm, 
     reference, _ = _head_after_warm_up(model, batches, 5, loss_fn=twice, cache_bytes=0)
     for k in fallback:
         assert torch.allclose(fallback[k], reference[k], atol=1e-6, rtol=0), k
+
+
+def test_head_warm_up_keeps_an_instance_level_forward_of_the_base_model(minilm, sst2_rows):
+    from sadra.data import calibration_batches
+    from sadra.probe import restore_head
+
+    model, tokenizer = minilm
+    batches = calibration_batches(sst2_rows, tokenizer, num_batches=1, batch_size=4, max_length=16, seed=2)
+    calls = []
+    class_forward = type(model.bert).forward
+
+    def hooked(*args, **kwargs):  # what accelerate's hooks put on a module instance
+        calls.append(1)
+        return class_forward(model.bert, *args, **kwargs)
+
+    model.bert.forward = hooked
+    try:
+        restore_head(model, warm_up_head(model, batches, 3))
+        assert model.bert.__dict__.get("forward") is hooked
+        assert len(calls) == 1  # run once for the batch, replayed for the two later steps
+    finally:
+        del model.bert.forward
