@@ -127,10 +127,12 @@ def test_non_finite_training_loss_stops_the_run_and_records_nothing(tmp_path, gl
     assert not (bench / "results.jsonl").exists() or (bench / "results.jsonl").read_text() == ""
 
 
-def test_non_finite_loss_while_probing_names_the_batch(tmp_path, glue_dir, nan_model):
+@pytest.mark.parametrize("estimator, what", [("fisher", "non-finite logits"), ("hutchinson", "non-finite loss")])
+def test_non_finite_loss_while_probing_names_the_batch(tmp_path, glue_dir, nan_model, estimator, what):
     proc = run_cli("probe", "--task", "sst2", "--glue-dir", glue_dir, "--model", nan_model, "--max-probes", "1",
-                   "--batch-size", "4", "--num-batches", "1", "--head-warmup-steps", "0", "--out", tmp_path / "p.json")
-    assert_one_line_error(proc, "non-finite loss", "batch 0")
+                   "--estimator", estimator, "--batch-size", "4", "--num-batches", "1", "--head-warmup-steps", "0",
+                   "--out", tmp_path / "p.json")
+    assert_one_line_error(proc, what, "batch 0")
     assert not (tmp_path / "p.json").exists()
 
 

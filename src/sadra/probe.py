@@ -53,7 +53,7 @@ def default_probes_per_batch(estimator: str, mode: str = "per_module") -> int:
     Sharing saves the batch's forward (and Hutchinson's first-order graph) but draws fewer
     batches, so it pays only where that work is a large part of a round: a joint Hutchinson
     round is one HvP, and its graph is a quarter of it (8 rounds per graph bring a probe from
-    3.2x to about 2.3x a gradient, benchmarks/README.md). A per-module round is 36 HvPs on one
+    3.1x to about 2.3x a gradient, benchmarks/README.md). A per-module round is 36 HvPs on one
     graph already, and a Fisher round's noise is mostly the batch itself: one round per batch.
     """
     return 8 if estimator == "hutchinson" and mode == "joint" else 1
