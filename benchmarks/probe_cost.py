@@ -42,11 +42,7 @@ from pathlib import Path
 
 import torch
 
-
-def git_commit() -> str | None:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent)
-    return proc.stdout.strip() or None
+from measure import child_env, git_commit
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -70,7 +66,6 @@ def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repea
     batch = calibration_batches(rows, tokenizer, num_batches=1, batch_size=batch_size, max_length=max_length, seed=0)[0]
     names = find_targets(model)
     params = [model.get_submodule(n).weight for n in names]
-    device = params[0].device
     gen = torch.Generator().manual_seed(0)
     shared_hvp = default_probes_per_batch("hutchinson", "joint")
     out = {"batch_size": batch_size, "tokens": int(batch["input_ids"].shape[1]), "modules": len(names),
@@ -80,12 +75,12 @@ def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repea
             torch.autograd.grad(hf_loss(model, batch), params)
 
         def joint(k):
-            g = _first_order(model, batch, params, hf_loss, device, 0)
+            g = _first_order(model, batch, params, hf_loss, 0)
             for i in range(k):
                 _hutchinson_round(g, params, gen, "joint", retain=i + 1 < k)
 
         def joint_vmap(k):  # alternative: k probes batched into one vmapped backward
-            g = _first_order(model, batch, params, hf_loss, device, 0)
+            g = _first_order(model, batch, params, hf_loss, 0)
             vs = [torch.randint(0, 2, (k, *p.shape), generator=gen).to(p.dtype).mul_(2).sub_(1) for p in params]
             hvs = torch.autograd.grad(g, params, grad_outputs=vs, is_grads_batched=True)
             return [(v * hv).sum() for v, hv in zip(vs, hvs)]
@@ -103,11 +98,11 @@ def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repea
             return [torch.dot(v.reshape(-1), hv.reshape(-1)) for v, hv in zip(vs, hvs)]
 
         def per_module():
-            g = _first_order(model, batch, params, hf_loss, device, 0)
+            g = _first_order(model, batch, params, hf_loss, 0)
             _hutchinson_round(g, params, gen, "per_module", retain=False)
 
         def fisher(k):
-            logits = _fisher_logits(model, batch, hf_logits, device, 0)
+            logits = _fisher_logits(model, batch, hf_logits, 0)
             for i in range(k):
                 _fisher_round(logits, batch, params, gen, retain=i + 1 < k)
 
@@ -187,13 +182,7 @@ def stability(glue_dir: str, task: str, probe: dict, max_length: int) -> dict:
 CHILD = r"""
 import json, sys, time
 mode, glue_dir, task, preset_name, out = sys.argv[1:6]
-def mem_mb(key):  # VmRSS (now) or VmHWM (peak since the last reset), in MB
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-def reset_peak():  # ru_maxrss would also count the parent's memory at fork time
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from measure import mem_mb, reset_peak
 from sadra.config import load_benchmark_config
 cfg = load_benchmark_config(preset_name, overrides=[f"glue_dir={glue_dir}"])
 settings = cfg.resolve(task, "lora")
@@ -236,7 +225,7 @@ def calibration_vs_training(glue_dir: str, task: str, preset: str, tmp: Path) ->
     for mode in ("calibrate", "train", "calibrate-hutchinson"):
         out = tmp / f"{mode}.json"
         subprocess.run([sys.executable, "-c", CHILD, mode, glue_dir, task, preset, str(out)], check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, env=child_env())
         results[mode] = json.loads(out.read_text())
     train_growth = max(results["train"]["growth_mb"], 1e-9)
     return {

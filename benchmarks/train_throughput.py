@@ -27,17 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from measure import child_env, git_commit
+
 CHILD = r"""
 import json, sys, time
 import torch
 method, glue_dir, steps, batch_size, max_length, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
-def mem_mb(key):  # VmRSS (now) or VmHWM (peak since the last reset), in MB
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-def reset_peak():  # ru_maxrss would also count the parent's memory at fork time
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from measure import mem_mb, reset_peak
 from peft import get_peft_model
 from sadra.adapt import (adalora_config, allocated_lora_config, eva_model, uniform_lora_config)
 from sadra.allocate import allocate_ranks, uniform_budget
@@ -86,12 +82,6 @@ json.dump({"steps_per_second": steps / seconds, "steps_per_second_with_setup": s
 METHODS = ("lora", "sadra", "adalora", "eva", "full")
 
 
-def git_commit() -> str | None:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent)
-    return proc.stdout.strip() or None
-
-
 def torch_threads() -> int:
     import torch
 
@@ -115,7 +105,7 @@ def main() -> None:
         for method in (METHODS if rep % 2 == 0 else METHODS[::-1]):
             out = tmp / f"{method}-{rep}.json"
             subprocess.run([sys.executable, "-c", CHILD, method, args.glue_dir, str(args.steps), str(args.batch_size),
-                            str(args.max_length), str(out)], check=True, stdout=subprocess.DEVNULL)
+                            str(args.max_length), str(out)], check=True, stdout=subprocess.DEVNULL, env=child_env())
             measured[method].append(json.loads(out.read_text()))
     runs = {m: {k: statistics.mean(r[k] for r in rs) for k in rs[0]} for m, rs in measured.items()}
     lora = runs["lora"]["steps_per_second"]

@@ -276,10 +276,7 @@ def warm_up_head(
             for step in range(steps):
                 b_idx = step % len(batches)
                 batch = _to_device(batches[b_idx], device)
-                if replay is not None:
-                    with replay.serving(b_idx):
-                        loss = loss_fn(model, batch)
-                else:
+                with replay.serving(b_idx) if replay is not None else contextlib.nullcontext():
                     loss = loss_fn(model, batch)
                 if not torch.isfinite(loss):
                     raise CurvatureError(f"non-finite loss at head warm-up step {step}; lower the warm-up learning rate")
@@ -445,9 +442,9 @@ def estimate_sensitivity(
                 if len(rounds_here):
                     batch = _to_device(batches[b_idx], device)
                     if estimator == "hutchinson":
-                        shared = _first_order(model, batch, params, loss_fn, device, b_idx)
+                        shared = _first_order(model, batch, params, loss_fn, b_idx)
                     else:
-                        shared = _fisher_logits(model, batch, logits_fn, device, b_idx)
+                        shared = _fisher_logits(model, batch, logits_fn, b_idx)
                 for k, r in enumerate(rounds_here):
                     generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + r)
                     retain = k + 1 < len(rounds_here)
@@ -545,8 +542,8 @@ def _all_reduce_sum(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _first_order(model, batch, params, loss_fn, device, b_idx):
-    loss = loss_fn(model, _to_device(batch, device))
+def _first_order(model, batch, params, loss_fn, b_idx):
+    loss = loss_fn(model, batch)
     if not torch.isfinite(loss):
         raise CurvatureError(f"non-finite loss on calibration batch {b_idx}; check the batch and the model's dtype")
     return torch.autograd.grad(loss, params, create_graph=True)
@@ -566,8 +563,8 @@ def _hutchinson_round(grads, params, generator, mode, retain):
     return row
 
 
-def _fisher_logits(model, batch, logits_fn, device, b_idx):
-    logits = logits_fn(model, _to_device(batch, device))
+def _fisher_logits(model, batch, logits_fn, b_idx):
+    logits = logits_fn(model, batch)
     if not torch.isfinite(logits).all():
         raise CurvatureError(f"non-finite logits on calibration batch {b_idx}; check the batch and the model's dtype")
     return logits
