@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from sadra.errors import CurvatureError, ModelError
-from sadra.probe import SensitivityReport, default_probes_per_batch, estimate_sensitivity, warm_up_head
+from sadra.errors import ConfigError, CurvatureError, ModelError
+from sadra.probe import SensitivityReport, estimate_sensitivity, make_signal, warm_up_head
 
 
 class TinyNet(nn.Module):
@@ -89,7 +89,7 @@ def test_hutchinson_matches_exact_hessian_block_traces(tiny, mode, probes_per_ba
                                   mode=mode, max_probes=600, rtol=0, seed=3, probes_per_batch=probes_per_batch)
     assert report.probes == 600
     assert report.meta["probes_per_batch"] == (probes_per_batch or {"per_module": 1, "joint": 8}[mode])
-    assert default_probes_per_batch("hutchinson", mode) == {"per_module": 1, "joint": 8}[mode]
+    assert make_signal("hutchinson", mode=mode).rounds_per_batch == {"per_module": 1, "joint": 8}[mode]
     for t in TARGETS:
         assert report.stderr[t] > 0
         assert abs(report.scores[t] - exact[t]) <= 3 * report.stderr[t], (t, report.scores[t], exact[t], report.stderr[t])
@@ -164,8 +164,10 @@ def test_non_finite_curvature_names_the_module():
 
 def test_bad_arguments_raise_specific_errors(tiny):
     net, batch = tiny
-    with pytest.raises(ModelError, match="unknown estimator"):
+    with pytest.raises(ConfigError, match="unknown estimator"):
         estimate_sensitivity(net, [batch], targets=TARGETS, loss_fn=ce_loss, estimator="kfac")
+    with pytest.raises(ConfigError, match="unknown Hutchinson mode"):
+        estimate_sensitivity(net, [batch], targets=TARGETS, loss_fn=ce_loss, estimator="hutchinson", mode="diag")
     with pytest.raises(ModelError, match="matches no linear module"):
         estimate_sensitivity(net, [batch], targets=["nope"], loss_fn=ce_loss)
     with pytest.raises(ModelError, match="max_probes"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
 from .allocate import RankAllocation, allocate_ranks
@@ -122,8 +123,13 @@ def lora_ranks(model: nn.Module) -> dict[str, int]:
 
 def eva_model(model: nn.Module, targets: Sequence[str], batches: Sequence[Any], *, r: int, alpha: float, dropout: float,
               settings: Mapping[str, Any], modules_to_save: list[str], task_type: str, progress: bool = False):
-    """A PEFT model initialised and rank-redistributed by EVA on ``batches`` (PEFT's own code)."""
-    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+    """A PEFT model initialised and rank-redistributed by EVA on ``batches`` (PEFT's own code).
+
+    PEFT cycles over the batches until every layer's components agree with the previous pass;
+    :func:`bounded_eva_init` caps that at ``settings["max_passes"]`` passes. Returns the model;
+    ``model.sadra_eva_stats`` says how many passes ran and how many layers hit the cap.
+    """
+    from peft import EvaConfig, LoraConfig, get_peft_model
 
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), init_lora_weights="eva",
@@ -132,5 +138,70 @@ def eva_model(model: nn.Module, targets: Sequence[str], batches: Sequence[Any], 
         modules_to_save=modules_to_save or None, task_type=task_type,
     )
     peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
-    initialize_lora_eva_weights(peft_model, dataloader=list(batches), show_progress_bar=progress)
+    stats = bounded_eva_init(peft_model, list(batches), max_passes=settings["max_passes"], progress=progress)
+    peft_model.sadra_eva_stats = stats
     return peft_model
+
+
+class _BoundedEvaForward:
+    """PEFT's EVA forward with a cap on passes over the calibration batches.
+
+    PEFT loops ``for inputs in cycle(batches)`` until every SVD hook reports convergence and
+    has no limit of its own. Past the cap this forward marks the hooks still attached (the
+    layers not yet converged for their current rank) as converged and skips the model: PEFT
+    then ends its loop on the next step, and each such layer keeps the components it has.
+    """
+
+    def __init__(self, forward_fn, num_batches: int, max_passes: int):
+        self.forward_fn = forward_fn
+        # PEFT's first call (the input-hash check) is not a pass of the SVD.
+        self.limit = 1 + num_batches * max_passes
+        self.num_batches = num_batches
+        self.calls = 0
+        self.capped: set[str] = set()
+
+    def __call__(self, model, inputs):
+        self.calls += 1
+        if self.calls <= self.limit:
+            return self.forward_fn(model, inputs)
+        from peft.tuners.lora.eva import SVDHook
+
+        for name, module in model.named_modules():
+            for hook in list(module._forward_hooks.values()):
+                if isinstance(hook, SVDHook):
+                    if not hasattr(hook.svd, "components_"):
+                        raise ModelError(f"EVA saw too few tokens at {name} to compute {hook.n_components} components; "
+                                         "give more or longer calibration batches (eva.num_batches, eva.batch_size)")
+                    hook.converged = torch.ones_like(hook.converged)
+                    self.capped.add(name)
+        return None
+
+    @property
+    def passes(self) -> float:
+        return round(min(self.calls - 1, self.limit - 1) / self.num_batches, 2)
+
+
+def bounded_eva_init(peft_model: nn.Module, batches: Sequence[Any], *, max_passes: int, progress: bool = False,
+                     forward_fn=None, prepare_model_inputs_fn="default", prepare_layer_inputs_fn="default") -> dict[str, Any]:
+    """``peft.initialize_lora_eva_weights`` with at most ``max_passes`` passes over ``batches``.
+
+    Returns ``{"passes", "layers_capped", "capped"}``: the passes run and the layers that had
+    not converged at the cap (they keep their current components). The ``*_fn`` arguments are
+    PEFT's; ``"default"`` keeps PEFT's defaults (token inputs with an attention mask).
+    """
+    from peft import initialize_lora_eva_weights
+    from peft.tuners.lora import eva as peft_eva
+
+    if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1:
+        raise ModelError(f"EVA's max_passes must be a positive integer, got {max_passes!r}")
+    if not batches:
+        raise ModelError("EVA needs at least one calibration batch")
+    bounded = _BoundedEvaForward(forward_fn or peft_eva.forward_fn_dict, len(batches), max_passes)
+    kwargs = {}
+    if prepare_model_inputs_fn != "default":
+        kwargs["prepare_model_inputs_fn"] = prepare_model_inputs_fn
+    if prepare_layer_inputs_fn != "default":
+        kwargs["prepare_layer_inputs_fn"] = prepare_layer_inputs_fn
+    initialize_lora_eva_weights(peft_model, dataloader=list(batches), forward_fn=bounded,
+                                show_progress_bar=progress, **kwargs)
+    return {"passes": bounded.passes, "layers_capped": len(bounded.capped), "capped": sorted(bounded.capped)}

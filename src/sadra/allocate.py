@@ -1,32 +1,28 @@
-"""Rank allocation under a LoRA parameter budget.
+"""Rank allocation under a LoRA parameter budget: rules say what a rank is worth, one solver
+turns that into integer ranks.
 
-Pure Python and numpy: this module imports no torch, so allocations can be computed,
-inspected and tested anywhere. ``RankAllocation.to_lora_config`` imports PEFT lazily.
+Pure Python and numpy: this module imports no torch, so allocations can be computed, inspected
+and tested anywhere. ``RankAllocation.to_lora_config`` imports PEFT lazily.
 
-The rule
---------
-A rank-r LoRA adapter on a weight of shape (d_out, d_in) costs ``r * (d_in + d_out)``
-parameters. Given a score per module (a Hessian or Fisher trace from :mod:`sadra.probe`):
+A rank-r LoRA adapter on a weight of shape (d_out, d_in) costs ``r * (d_in + d_out)`` parameters.
 
-1. Transform the scores into weights ``w``: ``normalize="none"`` keeps the raw trace,
-   ``"per_param"`` divides it by the number of weights in the module (HAWQ's average
-   curvature); then ``w = w ** power`` (``power=1``: proportional).
-2. Modules whose score is not a positive finite number cannot be ranked by it. They get
-   ``min_rank`` (``prune=False``) or rank 0, no adapter (``prune=True``); both are counted
-   in the result (``floored`` / ``pruned``).
-3. Real-valued ranks ``r_i = clip(lam * w_i, min_rank, max_rank)``, with the single scale
-   ``lam`` chosen so the total cost equals the budget. Clamping a module frees or takes
-   budget that the others share in proportion to their weights (water-filling).
-4. With ``prune=True``, the flattest module is dropped (rank 0) while its ideal rank
-   ``lam * w_i`` is below ``min_rank / 2`` -- that is, while it is closer to no adapter than
-   to the smallest adapter -- and the remaining modules can still absorb the budget; ``lam``
-   is solved again after each drop, so the freed budget goes to the others.
-5. Integer ranks: every module starts at ``floor(r_i)``; then, while budget is left, one
-   rank step goes to the module with the largest shortfall ``r_i - rank_i`` whose step
-   still fits. The total never exceeds the budget, and what is left over is smaller than
-   the cost of one more rank on any module below ``max_rank``.
+Rules (:data:`RULES`; one function each, added with :func:`register_rule`) turn a probe report
+into one of two forms:
 
-The result is deterministic: ties are broken by module order.
+* :class:`Weights`, one number per module (``proportional``): ranks proportional to the weights,
+  clamped to ``[min_rank, max_rank]`` with the excess shared by the others (water-filling), then
+  rounded under the budget.
+* :class:`Values`, a falling list per module, the worth of its 1st, 2nd, ... rank
+  (``spectral``: ``sigma_j(G)^2``; ``spectral-newton``: ``sigma_j(G)^2 / h``). Rank steps go out
+  greedily by value per parameter: for values that fall with j this is the allocation that
+  maximises the summed value under the budget.
+
+Either way the solver guarantees: total <= budget; what is left is smaller than one more rank
+step on any module below ``max_rank``; ties broken by module order (deterministic). Modules the
+rule cannot value (a score that is not positive and finite) get ``min_rank`` (``floored``) or,
+with ``prune=True``, rank 0 (``pruned``). With ``prune=True`` the proportional path also drops the
+flattest module while its ideal rank is below ``min_rank / 2`` and shares its budget among the
+others; the greedy path starts every module at 0 and its first step is a block of ``min_rank``.
 """
 
 from __future__ import annotations
@@ -37,7 +33,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -95,6 +91,7 @@ class RankAllocation:
     floored: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
     estimator: str | None = None
+    rule: str = "proportional"
 
     @property
     def leftover(self) -> int:
@@ -205,25 +202,195 @@ class RankAllocation:
         return LoraConfig(target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, **kwargs)
 
 
-def _scores_from(report_or_scores: Any, shapes: Mapping[str, Any] | None):
-    """Accept a SensitivityReport-like object (duck-typed: no torch import) or a dict."""
-    stderr: dict[str, float] = {}
-    estimator = None
+class Weights(dict):
+    """A rule's output: one weight per module; ranks are proportional to it."""
+
+
+class Values(dict):
+    """A rule's output: per module, the worth of its 1st, 2nd, ... rank (falling)."""
+
+
+Rule = Callable[..., "Weights | Values"]
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(name: str) -> Callable[[Rule], Rule]:
+    """Decorator: ``@register_rule("mine")`` on ``f(signal: SignalData, **options) -> Weights | Values``."""
+    def add(fn: Rule) -> Rule:
+        RULES[name] = fn
+        return fn
+
+    return add
+
+
+@dataclass
+class SignalData:
+    """What a rule may read: a report's scores (curvature traces), spectra and weight counts."""
+
+    scores: dict[str, float]
+    shapes: dict[str, tuple[int, int]]
+    spectra: dict[str, list[float]] = field(default_factory=dict)
+    estimator: str | None = None
+    stderr: dict[str, float] = field(default_factory=dict)
+
+    def num_params(self, name: str) -> int:
+        return self.shapes[name][0] * self.shapes[name][1]
+
+
+@register_rule("proportional")
+def proportional_rule(signal: SignalData, *, normalize: str = "none", power: float = 1.0, **_: Any) -> Weights:
+    """Rank proportional to ``score ** power`` (``per_param``: the trace per weight)."""
+    if normalize not in NORMALIZE_CHOICES:
+        raise BudgetError(f"normalize must be one of {', '.join(NORMALIZE_CHOICES)}, got {normalize!r}")
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power) or power <= 0:
+        raise BudgetError(f"power must be a positive finite number, got {power!r}")
+    raw = {n: _as_float(s) for n, s in signal.scores.items()}
+    if normalize == "per_param":
+        raw = {n: v / signal.num_params(n) for n, v in raw.items()}
+    valid = [v for v in raw.values() if math.isfinite(v) and v > 0]
+    if not valid:
+        return Weights({n: float("nan") for n in raw})
+    top = max(valid)
+    out = {}
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        for n, v in raw.items():
+            # Scaled to max 1 before the power so that 1e300 or 1e-300 scores neither overflow nor vanish.
+            out[n] = float((v / top) ** power) if math.isfinite(v) and v > 0 else float("nan")
+    return Weights(out)
+
+
+@register_rule("spectral")
+def spectral_rule(signal: SignalData, **_: Any) -> Values:
+    """The j-th rank of a module is worth ``sigma_j(G)^2``: the loss drop of its direction, curvature-free."""
+    _need_spectra(signal, "spectral")
+    return Values({n: list(signal.spectra.get(n, [])) for n in signal.scores})
+
+
+@register_rule("spectral-newton")
+def spectral_newton_rule(signal: SignalData, **_: Any) -> Values:
+    """The j-th rank is worth ``sigma_j(G)^2 / h``, with h the module's Fisher trace per weight.
+
+    With curvature ``h I`` a rank-k update lowers the local quadratic model of the loss by at most
+    ``sum_{j<=k} sigma_j(G)^2 / (2h)``.
+    """
+    _need_spectra(signal, "spectral-newton")
+    out = {}
+    for n in signal.scores:
+        h = _as_float(signal.scores[n]) / signal.num_params(n)
+        out[n] = [v / h for v in signal.spectra.get(n, [])] if math.isfinite(h) and h > 0 else [float("nan")]
+    return Values(out)
+
+
+def _need_spectra(signal: SignalData, rule: str) -> None:
+    if not signal.spectra:
+        raise BudgetError(f"rule {rule!r} needs the gradient spectrum; probe with --estimator gradient "
+                          f"(this report is from {signal.estimator or 'plain scores'})")
+
+
+def _signal_from(report_or_scores: Any, shapes: Mapping[str, Any] | None) -> SignalData:
+    """Accept a SensitivityReport-like object (duck-typed: no torch import) or a dict of scores."""
     if hasattr(report_or_scores, "scores") and hasattr(report_or_scores, "shapes"):
-        scores = dict(report_or_scores.scores)
-        shapes = dict(report_or_scores.shapes) if shapes is None else shapes
-        stderr = dict(getattr(report_or_scores, "stderr", {}) or {})
-        estimator = getattr(report_or_scores, "estimator", None)
+        data = SignalData(scores=dict(report_or_scores.scores),
+                          shapes=dict(report_or_scores.shapes) if shapes is None else dict(shapes),
+                          spectra=dict(getattr(report_or_scores, "spectra", {}) or {}),
+                          estimator=getattr(report_or_scores, "estimator", None),
+                          stderr=dict(getattr(report_or_scores, "stderr", {}) or {}))
     elif isinstance(report_or_scores, Mapping):
-        scores = dict(report_or_scores)
+        if shapes is None:
+            raise BudgetError("allocate_ranks got plain scores without shapes; pass shapes={module: (d_out, d_in)}")
+        data = SignalData(scores=dict(report_or_scores), shapes=dict(shapes))
     else:
         raise BudgetError(
             f"allocate_ranks needs a SensitivityReport or a dict of scores, got {type(report_or_scores).__name__}"
         )
-    if shapes is None:
-        raise BudgetError("allocate_ranks got plain scores without shapes; pass shapes={module: (d_out, d_in)}")
-    return scores, dict(shapes), stderr, estimator
+    if not data.scores:
+        raise BudgetError("no module scores to allocate; probe at least one target module")
+    unknown = [n for n in data.scores if n not in data.shapes]
+    if unknown:
+        raise BudgetError(f"module {unknown[0]!r} has a score but no shape; pass shapes for every scored module")
+    data.shapes = {n: _check_shape(n, data.shapes[n]) for n in data.scores}
+    return data
 
+
+def _check_shape(name: str, shape: Any) -> tuple[int, int]:
+    try:
+        d_out, d_in = (int(x) for x in shape)
+    except (TypeError, ValueError):
+        raise BudgetError(f"shape of {name!r} must be (d_out, d_in), got {shape!r}") from None
+    if d_out <= 0 or d_in <= 0:
+        raise BudgetError(f"shape of {name!r} must be positive, got {(d_out, d_in)}")
+    return d_out, d_in
+
+
+def _check_ranks(base_rank: Any, min_rank: Any, max_rank: Any) -> None:
+    for label, value in (("base_rank", base_rank), ("min_rank", min_rank), ("max_rank", max_rank)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise BudgetError(f"{label} must be a non-negative integer, got {value!r}")
+    if min_rank > max_rank:
+        raise BudgetError(f"min_rank {min_rank} is above max_rank {max_rank}; choose min_rank <= max_rank")
+    if max_rank == 0:
+        raise BudgetError("max_rank is 0, so no module can get an adapter; choose max_rank >= 1")
+
+
+def allocate_ranks(
+    report_or_scores: Any,
+    *,
+    rule: str = "proportional",
+    shapes: Mapping[str, tuple[int, int]] | None = None,
+    budget: int | str | None = None,
+    base_rank: int = 8,
+    min_rank: int = 2,
+    max_rank: int = 32,
+    prune: bool = False,
+    normalize: str = "none",
+    power: float = 1.0,
+) -> RankAllocation:
+    """Integer ranks per module under a LoRA parameter budget, valued by ``rule``.
+
+    ``report_or_scores`` is a :class:`~sadra.probe.SensitivityReport` or a dict of scores (then
+    ``shapes`` maps each module to ``(d_out, d_in)``). ``rule`` names an entry of :data:`RULES`.
+    ``budget`` is a parameter count, ``"lora-r<k>"``, or None for uniform ``base_rank`` on the same
+    modules. See the module docstring. Raises :class:`BudgetError` on infeasible constraints.
+    """
+    if rule not in RULES:
+        raise BudgetError(f"unknown rule {rule!r}; choose one of: {', '.join(RULES)}")
+    signal = _signal_from(report_or_scores, shapes)
+    _check_ranks(base_rank, min_rank, max_rank)
+    total_budget = resolve_budget(budget, signal.shapes, base_rank)
+    if total_budget < 0:
+        raise BudgetError(f"budget {total_budget} is negative; give a positive parameter count")
+    form = RULES[rule](signal, normalize=normalize, power=power)
+    names = list(signal.scores)
+    cost = np.array([lora_cost(signal.shapes[n]) for n in names], dtype=np.float64)
+    solver = _solve_weights if isinstance(form, Weights) else _solve_values
+    ranks, floored, pruned = solver(form, names, cost, total_budget, min_rank, max_rank, prune)
+    rank_map = {n: int(ranks[i]) for i, n in enumerate(names)}
+    return RankAllocation(
+        ranks=rank_map, budget=int(total_budget),
+        params=int(sum(lora_cost(signal.shapes[n], r) for n, r in rank_map.items())), shapes=signal.shapes,
+        scores={n: _as_float(signal.scores[n]) for n in names},
+        stderr={n: _as_float(signal.stderr[n]) for n in names if n in signal.stderr},
+        base_rank=int(base_rank), min_rank=int(min_rank), max_rank=int(max_rank), normalize=normalize,
+        power=float(power), prune=bool(prune), floored=[names[i] for i in floored],
+        pruned=[names[i] for i in sorted(pruned)], estimator=signal.estimator, rule=rule,
+    )
+
+
+def _check_feasible(cost: np.ndarray, keep: np.ndarray, budget: int, min_rank: int, max_rank: int) -> None:
+    if not keep.any():
+        raise BudgetError("every module score is non-positive or non-finite and prune=True drops them all; "
+                          "re-probe or use prune=False")
+    min_cost = float(np.sum(cost[keep] * min_rank))
+    max_cost = float(np.sum(cost[keep] * max_rank))
+    if budget < min_cost:
+        raise BudgetError(f"budget {budget:,} is below the {int(min_cost):,} parameters that min_rank={min_rank} "
+                          f"needs on {int(keep.sum())} modules; lower min_rank or raise the budget")
+    if budget > max_cost:
+        raise BudgetError(f"budget {budget:,} is above the {int(max_cost):,} parameters that max_rank={max_rank} "
+                          f"allows on {int(keep.sum())} modules; raise max_rank or lower the budget")
+
+
+# --- proportional path: water-filling, pruning, rounding ----------------------------------------
 
 def _solve_scale(w: np.ndarray, cost: np.ndarray, lo: float, hi: float, target: float) -> float:
     """The smallest lam >= 0 with sum(cost * clip(lam * w, lo, hi)) == target.
@@ -248,132 +415,68 @@ def _solve_scale(w: np.ndarray, cost: np.ndarray, lo: float, hi: float, target: 
     # On (prev, point) every module is either clamped or strictly proportional.
     mid = 0.5 * (prev + point)
     free = pos & (mid * w > lo) & (mid * w < hi)
-    fixed = total(mid) - mid * float(np.sum(cost[free] * w[free]))
     slope = float(np.sum(cost[free] * w[free]))
+    fixed = total(mid) - mid * slope
     if slope <= 0:
         return float(point)
     return float(min(max((target - fixed) / slope, prev), point))
 
 
-def allocate_ranks(
-    report_or_scores: Any,
-    *,
-    shapes: Mapping[str, tuple[int, int]] | None = None,
-    budget: int | str | None = None,
-    base_rank: int = 8,
-    min_rank: int = 2,
-    max_rank: int = 32,
-    prune: bool = False,
-    normalize: str = "none",
-    power: float = 1.0,
-) -> RankAllocation:
-    """Integer ranks per module, proportional to curvature, under a LoRA parameter budget.
-
-    ``report_or_scores`` is a :class:`~sadra.probe.SensitivityReport` or a dict of scores
-    (then ``shapes`` maps each module to ``(d_out, d_in)``). ``budget`` is a parameter count,
-    ``"lora-r<k>"``, or None for uniform ``base_rank`` on the same modules. See the module
-    docstring for the rule. Raises :class:`BudgetError` on infeasible constraints.
-    """
-    scores, shapes, stderr, estimator = _scores_from(report_or_scores, shapes)
-    for label, value in (("base_rank", base_rank), ("min_rank", min_rank), ("max_rank", max_rank)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise BudgetError(f"{label} must be a non-negative integer, got {value!r}")
-    if min_rank > max_rank:
-        raise BudgetError(f"min_rank {min_rank} is above max_rank {max_rank}; choose min_rank <= max_rank")
-    if max_rank == 0:
-        raise BudgetError("max_rank is 0, so no module can get an adapter; choose max_rank >= 1")
-    if normalize not in NORMALIZE_CHOICES:
-        raise BudgetError(f"normalize must be one of {', '.join(NORMALIZE_CHOICES)}, got {normalize!r}")
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power) or power <= 0:
-        raise BudgetError(f"power must be a positive finite number, got {power!r}")
-    if not scores:
-        raise BudgetError("no module scores to allocate; probe at least one target module")
-    unknown = [n for n in scores if n not in shapes]
-    if unknown:
-        raise BudgetError(f"module {unknown[0]!r} has a score but no shape; pass shapes for every scored module")
-    names = list(scores)
-    shp = {}
-    for n in names:
-        try:
-            d_out, d_in = (int(x) for x in shapes[n])
-        except (TypeError, ValueError):
-            raise BudgetError(f"shape of {n!r} must be (d_out, d_in), got {shapes[n]!r}") from None
-        if d_out <= 0 or d_in <= 0:
-            raise BudgetError(f"shape of {n!r} must be positive, got {(d_out, d_in)}")
-        shp[n] = (d_out, d_in)
-    total_budget = resolve_budget(budget, shp, base_rank)
-    if total_budget < 0:
-        raise BudgetError(f"budget {total_budget} is negative; give a positive parameter count")
-
-    cost = np.array([lora_cost(shp[n]) for n in names], dtype=np.float64)
-    raw = np.array([_as_float(scores[n]) for n in names], dtype=np.float64)
-    if normalize == "per_param":
-        raw = raw / np.array([shp[n][0] * shp[n][1] for n in names], dtype=np.float64)
-    valid = np.isfinite(raw) & (raw > 0)
-    w = np.zeros_like(raw)
-    if valid.any():
-        # Scale to max 1 before the power so that 1e300 or 1e-300 scores neither overflow nor vanish.
-        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            w[valid] = (raw[valid] / raw[valid].max()) ** power
-        # Weights this far below the largest cannot earn a rank step of their own; treating them as
-        # zero keeps every breakpoint min_rank / w finite. The greedy fill still tops them up if the
-        # budget has nowhere else to go.
-        w[~np.isfinite(w) | (w < 1e-200)] = 0.0
-
-    invalid_idx = [i for i in range(len(names)) if not valid[i]]
-    pruned = set(invalid_idx) if prune else set()
-    floored = [] if prune else invalid_idx
-
-    def kept_mask() -> np.ndarray:
-        m = np.ones(len(names), dtype=bool)
-        m[list(pruned)] = False
-        return m
-
-    keep = kept_mask()
-    min_cost = float(np.sum(cost[keep] * min_rank))
-    max_cost = float(np.sum(cost[keep] * max_rank))
-    if not keep.any():
-        raise BudgetError("every module score is non-positive or non-finite and prune=True drops them all; re-probe or use prune=False")
-    if total_budget < min_cost:
-        raise BudgetError(
-            f"budget {total_budget:,} is below the {int(min_cost):,} parameters that min_rank={min_rank} needs on "
-            f"{int(keep.sum())} modules; lower min_rank or raise the budget"
-        )
-    if total_budget > max_cost:
-        raise BudgetError(
-            f"budget {total_budget:,} is above the {int(max_cost):,} parameters that max_rank={max_rank} allows on "
-            f"{int(keep.sum())} modules; raise max_rank or lower the budget"
-        )
-
-    def solve(keep: np.ndarray) -> tuple[float, np.ndarray]:
-        # Floored modules sit at min_rank whatever lam is (weight 0 clips to the lower bound).
-        lam = _solve_scale(w[keep], cost[keep], float(min_rank), float(max_rank), float(total_budget))
-        real = np.zeros(len(names))
-        real[keep] = np.clip(lam * w[keep], min_rank, max_rank)
-        return lam, real
-
-    lam, real = solve(keep)
+def _solve_weights(form: Weights, names, cost, budget, min_rank, max_rank, prune):
+    raw = np.array([_as_float(form[n]) for n in names], dtype=np.float64)
+    # NaN marks a module the rule cannot value; a weight that underflowed to 0 is still valued.
+    valid = np.isfinite(raw) & (raw >= 0)
+    w = np.where(valid, raw, 0.0)
+    # Weights this far below the largest cannot earn a rank step of their own; as zero they keep
+    # every breakpoint min_rank / w finite. The rounding still tops them up if the budget has
+    # nowhere else to go.
+    w[w < 1e-200] = 0.0
+    invalid = [i for i in range(len(names)) if not valid[i]]
+    pruned = set(invalid) if prune else set()
+    keep = np.ones(len(names), dtype=bool)
+    keep[list(pruned)] = False
+    _check_feasible(cost, keep, budget, min_rank, max_rank)
+    lam, real = _waterfill(w, cost, keep, budget, min_rank, max_rank)
     if prune and min_rank > 0:
-        while True:
-            candidates = [i for i in range(len(names)) if keep[i]]
-            flattest = min(candidates, key=lambda i: (w[i], -i))
-            if lam * w[flattest] >= min_rank / 2 or len(candidates) == 1:
-                break
-            trial = keep.copy()
-            trial[flattest] = False
-            if float(np.sum(cost[trial] * max_rank)) < total_budget:
-                break
-            pruned.add(flattest)
-            keep = trial
-            lam, real = solve(keep)
+        keep, lam, real = _prune_flattest(w, cost, keep, budget, min_rank, max_rank, lam, real, pruned)
+    ranks = _round_under_budget(real, cost, keep, budget, min_rank, max_rank)
+    return ranks, ([] if prune else invalid), pruned
 
-    ranks = np.zeros(len(names), dtype=np.int64)
-    ranks[keep] = np.floor(real[keep] + 1e-12).astype(np.int64)
-    ranks[keep] = np.clip(ranks[keep], min_rank, max_rank)
-    left = int(total_budget - int(np.sum(cost * ranks)))
-    # Greedy fill: the largest shortfall first; a module whose step no longer fits never will
-    # again (the leftover only shrinks), so it leaves the heap for good.
-    heap = [(-(real[i] - ranks[i]), i) for i in range(len(names)) if keep[i] and ranks[i] < max_rank]
+
+def _waterfill(w, cost, keep, budget, min_rank, max_rank):
+    # Floored modules sit at min_rank whatever lam is (weight 0 clips to the lower bound).
+    lam = _solve_scale(w[keep], cost[keep], float(min_rank), float(max_rank), float(budget))
+    real = np.zeros(len(w))
+    real[keep] = np.clip(lam * w[keep], min_rank, max_rank)
+    return lam, real
+
+
+def _prune_flattest(w, cost, keep, budget, min_rank, max_rank, lam, real, pruned):
+    """Drop the flattest kept module while it is closer to no adapter than to min_rank."""
+    while True:
+        candidates = [i for i in range(len(w)) if keep[i]]
+        flattest = min(candidates, key=lambda i: (w[i], -i))
+        if lam * w[flattest] >= min_rank / 2 or len(candidates) == 1:
+            return keep, lam, real
+        trial = keep.copy()
+        trial[flattest] = False
+        if float(np.sum(cost[trial] * max_rank)) < budget:
+            return keep, lam, real
+        pruned.add(flattest)
+        keep = trial
+        lam, real = _waterfill(w, cost, keep, budget, min_rank, max_rank)
+
+
+def _round_under_budget(real, cost, keep, budget, min_rank, max_rank) -> np.ndarray:
+    """Floors, then one rank step at a time to the largest shortfall ``real - rank`` that still fits.
+
+    A module whose step no longer fits never will again (the leftover only shrinks), so it
+    leaves the heap for good: the leftover ends smaller than any growable module's step.
+    """
+    ranks = np.zeros(len(real), dtype=np.int64)
+    ranks[keep] = np.clip(np.floor(real[keep] + 1e-12).astype(np.int64), min_rank, max_rank)
+    left = int(budget - int(np.sum(cost * ranks)))
+    heap = [(-(real[i] - ranks[i]), i) for i in range(len(real)) if keep[i] and ranks[i] < max_rank]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)
@@ -383,26 +486,59 @@ def allocate_ranks(
         left -= int(cost[i])
         if ranks[i] < max_rank:
             heapq.heappush(heap, (-(real[i] - ranks[i]), i))
+    return ranks
 
-    rank_map = {n: int(ranks[i]) for i, n in enumerate(names)}
-    params = sum(lora_cost(shp[n], r) for n, r in rank_map.items())
-    return RankAllocation(
-        ranks=rank_map,
-        budget=int(total_budget),
-        params=int(params),
-        shapes=shp,
-        scores={n: _as_float(scores[n]) for n in names},
-        stderr={n: _as_float(stderr[n]) for n in names if n in stderr},
-        base_rank=int(base_rank),
-        min_rank=int(min_rank),
-        max_rank=int(max_rank),
-        normalize=normalize,
-        power=float(power),
-        prune=bool(prune),
-        floored=[names[i] for i in floored],
-        pruned=[names[i] for i in sorted(pruned)],
-        estimator=estimator,
-    )
+
+# --- greedy path: rank steps by value per parameter ---------------------------------------------
+
+def _solve_values(form: Values, names, cost, budget, min_rank, max_rank, prune):
+    values = [_value_list(form.get(n, []), max_rank) for n in names]
+    invalid = [i for i, v in enumerate(values) if v is None]
+    keep = np.ones(len(names), dtype=bool)
+    if prune:
+        keep[invalid] = False
+    _check_feasible(cost, keep, budget, min_rank, max_rank)
+    start = 0 if prune else min_rank
+    ranks = np.where(keep, start, 0).astype(np.int64)
+    values = [v if v is not None else [0.0] * max_rank for v in values]
+    ranks = _greedy_steps(values, cost, keep, ranks, budget, min_rank, max_rank)
+    pruned = {i for i in range(len(names)) if ranks[i] == 0 and (prune and min_rank > 0 or not keep[i])}
+    return ranks, ([] if prune else invalid), pruned
+
+
+def _value_list(raw: Sequence[float], max_rank: int) -> list[float] | None:
+    """The first ``max_rank`` values, negatives as 0, padded with 0; None if any is not finite."""
+    out = [_as_float(v) for v in list(raw)[:max_rank]]
+    if not out or any(not math.isfinite(v) for v in out):
+        return None
+    return [max(v, 0.0) for v in out] + [0.0] * (max_rank - len(out))
+
+
+def _greedy_steps(values, cost, keep, ranks, budget, min_rank, max_rank) -> np.ndarray:
+    """Hand out rank steps by value per parameter until no step fits.
+
+    A module at rank 0 (prune) takes a block of ``min_rank`` ranks as its first step, valued at
+    the block's mean. Equal values go to the module with the lower rank first, then module order.
+    """
+    left = int(budget - int(np.sum(cost * ranks)))
+
+    def entry(i: int):
+        r = int(ranks[i])
+        size = max(min_rank, 1) if r == 0 else 1
+        worth = sum(values[i][r:r + size]) / size
+        return (-worth / cost[i], r, i, size)
+
+    heap = [entry(i) for i in range(len(ranks)) if keep[i] and ranks[i] < max_rank]
+    heapq.heapify(heap)
+    while heap:
+        _, _, i, size = heapq.heappop(heap)
+        if cost[i] * size > left:
+            continue
+        ranks[i] += size
+        left -= int(cost[i] * size)
+        if ranks[i] < max_rank:
+            heapq.heappush(heap, entry(i))
+    return ranks
 
 
 def _as_float(x: Any) -> float:

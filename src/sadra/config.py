@@ -18,103 +18,19 @@ import yaml
 
 from .errors import ConfigError
 
-METHODS = ("full", "lora", "sadra", "sadra-fisher", "adalora", "eva", "random")
+from . import settings as _settings
+
+METHODS = ("full", "lora", "lora-ga", "sadra", "sadra-seed", "sadra-fisher", "adalora", "eva", "random")
+# Methods whose ranks come from SADRA's probe and allocation (or, for random, its solver).
+ALLOCATED_METHODS = ("sadra", "sadra-seed", "sadra-fisher", "random")
 PRESETS = ("smoke", "cpu", "paper")
 
-# The run schema. None marks "optional"; the allowed type is then given in _OPTIONAL_TYPES.
-RUN_DEFAULTS: dict[str, Any] = {
-    "model": "minilm",
-    "glue_dir": None,
-    "trust_remote_code": False,
-    "max_length": 128,
-    "max_train_samples": None,
-    "max_eval_samples": None,
-    "data_seed": 0,
-    "probe_file": None,          # SADRA variants: use this probe report instead of probing
-    "allocation_file": None,     # SADRA variants: use this allocation instead of probing and allocating
-    "train": {
-        "epochs": 3.0,
-        "learning_rate": 5e-4,
-        "batch_size": 32,
-        "eval_batch_size": 64,
-        "grad_accum": 1,
-        "weight_decay": 0.01,
-        "warmup_ratio": 0.06,
-        "lr_scheduler": "linear",
-        "max_grad_norm": 1.0,
-        "logging_steps": 10,
-        "save_steps": 200,
-        "save_total_limit": 1,
-        "gradient_checkpointing": False,
-        "threads": None,
-        "evals_per_epoch": 1,
-    },
-    "lora": {"r": 8, "alpha": 16.0, "dropout": 0.1},
-    "probe": {
-        "estimator": "fisher",       # chosen from benchmarks/probe_cost.py (benchmarks/README.md)
-        "mode": "per_module",
-        "num_batches": 4,
-        "batch_size": 16,
-        "max_probes": 16,
-        "min_probes": 3,
-        "rtol": 0.1,
-        "probes_per_batch": None,    # None: sadra.probe.default_probes_per_batch
-        "head_warmup_steps": 50,
-        "head_warmup_lr": 1e-3,
-    },
-    "allocate": {
-        "min_rank": 2,
-        "max_rank": 32,
-        "prune": False,
-        "normalize": "none",
-        "power": 1.0,
-        "alpha_ratio": 2.0,
-        "use_rslora": False,
-    },
-    "adalora": {
-        "init_r": 12,
-        "target_r": 8,
-        "alpha": 16.0,
-        "tinit_ratio": 0.1,
-        "tfinal_ratio": 0.3,
-        "deltaT": 10,
-        "beta1": 0.85,
-        "beta2": 0.85,
-        "orth_reg_weight": 0.1,
-    },
-    "eva": {"rho": 2.0, "tau": 0.99, "num_batches": 8, "batch_size": 16, "whiten": False, "adjust_scaling_factors": True},
-}
-
-_OPTIONAL_TYPES = {
-    "glue_dir": (str,),
-    "probe_file": (str,),
-    "allocation_file": (str,),
-    "max_train_samples": (int,),
-    "max_eval_samples": (int,),
-    "train.threads": (int,),
-    "probe.probes_per_batch": (int,),
-}
-
-_POSITIVE = {
-    "max_length", "max_train_samples", "max_eval_samples", "train.batch_size", "train.eval_batch_size",
-    "train.grad_accum", "train.logging_steps", "train.save_steps", "train.epochs", "train.threads",
-    "train.evals_per_epoch", "train.learning_rate",
-    "lora.r", "probe.num_batches", "probe.batch_size", "probe.max_probes", "probe.min_probes",
-    "probe.probes_per_batch", "allocate.max_rank", "allocate.power", "allocate.alpha_ratio",
-    "adalora.init_r", "adalora.target_r", "adalora.deltaT", "eva.num_batches", "eva.batch_size", "eva.rho",
-}
-_NON_NEGATIVE = {
-    "data_seed", "train.weight_decay", "train.warmup_ratio", "train.max_grad_norm", "train.save_total_limit",
-    "lora.dropout", "probe.rtol", "probe.head_warmup_steps", "probe.head_warmup_lr", "allocate.min_rank",
-    "adalora.tinit_ratio", "adalora.tfinal_ratio", "adalora.orth_reg_weight", "adalora.beta1", "adalora.beta2",
-    "lora.alpha", "adalora.alpha",
-}
-_CHOICES = {
-    "probe.estimator": ("hutchinson", "fisher"),
-    "probe.mode": ("per_module", "joint"),
-    "allocate.normalize": ("none", "per_param"),
-    "train.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
-}
+# The run schema: every default, type and rule comes from sadra.settings.
+RUN_DEFAULTS: dict[str, Any] = _settings.defaults()
+_OPTIONAL_TYPES = {p: (f.metadata["optional"],) for p, f in _settings.walk() if f.metadata.get("optional")}
+_POSITIVE = {p for p, f in _settings.walk() if f.metadata.get("check") == "positive"}
+_NON_NEGATIVE = {p for p, f in _settings.walk() if f.metadata.get("check") == "non_negative"}
+_CHOICES = {p: f.metadata["choices"] for p, f in _settings.walk() if f.metadata.get("choices")}
 
 # A benchmark config is a run config plus the grid and per-task / per-method overrides.
 GRID_DEFAULTS: dict[str, Any] = {

@@ -233,6 +233,30 @@ def subsample(examples: Sequence[Example], n: int | None, seed: int) -> list[Exa
     return [examples[i] for i in idx]
 
 
+# Rows held out of each train file for choosing settings (never trained on, never the dev set).
+SELECTION_SIZES = {"mrpc": 400, "sst2": 872, "qnli": 1000}
+SELECTION_SEED = 0
+
+
+def selection_size(spec: TaskSpec, num_rows: int) -> int:
+    return SELECTION_SIZES.get(spec.name, min(1000, max(1, num_rows // 10)))
+
+
+def split_selection(spec: TaskSpec, train_rows: Sequence[Example]) -> tuple[list[Example], list[Example]]:
+    """``(rest, selection)``: a fixed seeded set of train rows held out for model selection.
+
+    The selection rows do not depend on ``data_seed``: every study draws its training rows from
+    the rest, and selects on the same held-out rows.
+    """
+    n = selection_size(spec, len(train_rows))
+    if n >= len(train_rows):
+        raise DataError(f"{spec.name}'s train split has {len(train_rows)} rows, too few to hold out {n} for selection")
+    picked = np.zeros(len(train_rows), dtype=bool)
+    picked[np.random.default_rng(SELECTION_SEED).choice(len(train_rows), size=n, replace=False)] = True
+    rest = [e for e, p in zip(train_rows, picked) if not p]
+    return rest, [e for e, p in zip(train_rows, picked) if p]
+
+
 def tokenize(examples: Sequence[Example], tokenizer, max_length: int):
     """A ``datasets.Dataset`` of token ids and labels, unpadded (padding is per batch)."""
     from datasets import Dataset

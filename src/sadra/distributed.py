@@ -77,3 +77,25 @@ def check_same_across_processes(obj: Any, what: str) -> str:
             "give every process the same calibration data and seed"
         )
     return digest
+
+
+def dist_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Sum small CPU float64 tensors over processes (moved to the GPU for NCCL)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if dist.get_backend() == "nccl":
+        flat = flat.cuda()
+    dist.all_reduce(flat)
+    flat = flat.cpu()
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start:start + t.numel()].reshape(t.shape))
+        start += t.numel()
+    return out

@@ -40,24 +40,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .distributed import all_reduce_sum, dist_world
 from .errors import CurvatureError, DataError, ModelError
 from .models import find_targets, head_module_names, target_shapes
-
-ESTIMATORS = ("hutchinson", "fisher")
-MODES = ("per_module", "joint")
-
-
-def default_probes_per_batch(estimator: str, mode: str = "per_module") -> int:
-    """Rounds that share one batch when ``probes_per_batch`` is not given.
-
-    Sharing saves the batch's forward (and Hutchinson's first-order graph) but draws fewer
-    batches, so it pays only where that work is a large part of a round: a joint Hutchinson
-    round is one HvP, and its graph is a quarter of it (8 rounds per graph bring a probe from
-    3.1x to about 2.3x a gradient, benchmarks/README.md). A per-module round is 36 HvPs on one
-    graph already, and a Fisher round's noise is mostly the batch itself: one round per batch.
-    """
-    return 8 if estimator == "hutchinson" and mode == "joint" else 1
-
+from .signals import SIGNALS, Signal, make_signal, register_signal  # noqa: F401  (public names)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 LogitsFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -75,11 +61,15 @@ class SensitivityReport:
     estimator: str
     seconds: float
     samples: dict[str, list[float]] = field(default_factory=dict)
+    sample_batches: list[int] = field(default_factory=list)
     mode: str | None = None
     seed: int = 0
     converged: bool = False
     model: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    spectra: dict[str, list[float]] = field(default_factory=dict)
+    spectra_raw: dict[str, list[float]] = field(default_factory=dict)
+    spectrum_stability: dict[str, float] = field(default_factory=dict)
 
     @property
     def relative_stderr(self) -> dict[str, float]:
@@ -156,37 +146,6 @@ def hf_logits(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     return model(**_model_inputs(batch)).logits
 
 
-def _sampled_target_loss(logits: torch.Tensor, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-    """Summed loss against targets drawn from the model's own predictive distribution.
-
-    Classification logits ``(n, C)`` draw a class per row; a single output (regression) draws
-    ``y ~ N(f, 1)``; causal-LM logits ``(B, T, V)`` draw the next token at each position
-    whose label is not -100 (shifted as the model's own loss shifts them).
-    """
-    logits = logits.float()
-    if logits.ndim == 3:
-        labels = batch.get("labels") if isinstance(batch, Mapping) else None
-        flat = logits[:, :-1, :]
-        if labels is not None:
-            mask = labels[:, 1:] != -100
-        else:
-            mask = torch.ones(flat.shape[:2], dtype=torch.bool, device=flat.device)
-        flat = flat[mask]
-    else:
-        flat = logits.reshape(-1, logits.shape[-1])
-    n = flat.shape[0]
-    if n == 0:
-        raise DataError("a calibration batch has no positions to score (all labels are -100); give longer texts")
-    if flat.shape[-1] == 1:
-        noise = torch.randn(flat.shape, generator=generator).to(flat.device)
-        target = (flat + noise).detach()
-        return 0.5 * ((flat - target) ** 2).sum(), n
-    with torch.no_grad():
-        probs = torch.softmax(flat, dim=-1).cpu()
-        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(flat.device)
-    return nn.functional.cross_entropy(flat, sampled, reduction="sum"), n
-
-
 # --- the probe -------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -209,7 +168,7 @@ def _gradients_only_on(model: nn.Module, params: Sequence[nn.Parameter]):
 
 
 @contextlib.contextmanager
-def _probe_state(model: nn.Module, params: Sequence[nn.Parameter]):
+def probe_state(model: nn.Module, params: Sequence[nn.Parameter]):
     """Eval mode, gradients on ``params`` only, math attention; all restored on exit."""
     with _gradients_only_on(model, params), _math_attention():
         yield
@@ -232,12 +191,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     return batch
-
-
-def _rademacher(shape: torch.Size, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    # Drawn on the CPU from one seeded generator, so results do not depend on the device.
-    v = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8).to(like.device)
-    return v.to(like.dtype).mul_(2).sub_(1)
 
 
 def warm_up_head(
@@ -269,7 +222,10 @@ def warm_up_head(
     device = next(model.parameters()).device
     base = getattr(model, model.base_model_prefix)
     try:
-        with _gradients_only_on(model, params):
+        # A private RNG stream: the warm-up must not move torch's global generator, or the adapter
+        # initialised after it would depend on whether a probe ran.
+        devices = [device] if device.type == "cuda" else []
+        with _gradients_only_on(model, params), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
             replay = _BaseOutputReplay(base, len(batches), cache_bytes) if steps > len(batches) else None
@@ -361,228 +317,200 @@ def estimate_sensitivity(
     logits_fn: LogitsFn | None = None,
     estimator: str = "fisher",
     mode: str = "per_module",
-    max_probes: int = 64,
+    max_probes: int = 16,
     min_probes: int = 3,
     rtol: float = 0.1,
     probes_per_batch: int | None = None,
     seed: int = 0,
     head_warmup_steps: int = 0,
     head_warmup_lr: float = 1e-3,
+    spectrum_rank: int = 33,
     progress: bool = False,
 ) -> SensitivityReport:
-    """Estimate each target module's curvature trace on calibration ``batches``.
+    """Estimate each target module's signal on calibration ``batches``.
 
+    ``estimator`` names a signal in :data:`SIGNALS` (``fisher``, ``hutchinson``, ``gradient``).
     ``batches`` is a sequence of whatever ``loss_fn(model, batch)`` / ``logits_fn(model, batch)``
     accept (default: Hugging Face dicts with ``labels``). Each probe round gives one sample per
     module; rounds cycle over the batches, ``probes_per_batch`` consecutive rounds sharing a
-    batch (its forward and, for Hutchinson, its first-order graph); ``None`` means
-    ``default_probes_per_batch(estimator, mode)``. Stops once every module's
-    ``stderr / |mean| <= rtol`` (after ``min_probes`` rounds) or at ``max_probes``.
+    batch (``None``: the signal's own default). The standard error treats batches as the unit
+    (the spread of per-batch means); rounds on one batch only reduce that batch's noise. Stops
+    once every module's ``stderr / |mean| <= rtol`` (after ``min_probes`` rounds, and after every
+    batch has been seen once) or at ``max_probes``, the bound.
 
-    The default estimator is ``fisher``: on the default model it ranks modules the same way in
-    two independent calibrations (Spearman 0.99) at about 3% of a LoRA run's time, where
-    Hutchinson's Hessian trace needs far more time for a less stable ranking
-    (benchmarks/README.md has the measurements).
     With ``head_warmup_steps > 0`` the task head is trained alone first and restored after.
+    ``spectrum_rank`` is the number of singular values the ``gradient`` signal keeps per module.
     """
-    if estimator not in ESTIMATORS:
-        raise ModelError(f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
-    if mode not in MODES:
-        raise ModelError(f"unknown Hutchinson mode {mode!r}; choose one of: {', '.join(MODES)}")
-    if probes_per_batch is None:
-        probes_per_batch = default_probes_per_batch(estimator, mode)
-    for label, value, low in (("max_probes", max_probes, 1), ("min_probes", min_probes, 1),
-                              ("probes_per_batch", probes_per_batch, 1), ("head_warmup_steps", head_warmup_steps, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ModelError(f"{label} must be an integer >= {low}, got {value!r}")
-    if not (isinstance(rtol, (int, float)) and rtol >= 0 and math.isfinite(rtol)):
-        raise ModelError(f"rtol must be a non-negative number, got {rtol!r}")
+    signal = make_signal(estimator, mode=mode, spectrum_rank=spectrum_rank)
+    probes_per_batch = signal.rounds_per_batch if probes_per_batch is None else probes_per_batch
+    _check_probe_args(max_probes, min_probes, probes_per_batch, head_warmup_steps, rtol)
     batches = list(batches)
     if not batches:
         raise DataError("no calibration batches; give at least one batch from the train split")
     names = find_targets(model, targets)
     shapes = target_shapes(model, names)
     params = [model.get_submodule(n).weight for n in names]
-    loss_fn = loss_fn or hf_loss
-    logits_fn = logits_fn or hf_logits
-    device = params[0].device
-
-    saved_head = None
+    calls = Calls(loss_fn or hf_loss, logits_fn or hf_logits)
     start = time.perf_counter()
+    saved_head = None
     if head_warmup_steps:
-        saved_head = warm_up_head(model, batches, head_warmup_steps, lr=head_warmup_lr, loss_fn=loss_fn, seed=seed)
-
-    # Round r (one sample per module) belongs to block r // probes_per_batch; a block's rounds share
-    # one batch and its first-order graph. Under torch.distributed, block b runs on process
-    # b % world_size and all processes step in lockstep, so the pooled samples are exactly those a
-    # single process would draw: every round's random vectors come from its own seeded generator.
-    world, rank = _dist_world()
-    local: list[tuple[int, list[float]]] = []
-    sums = torch.zeros(len(names), dtype=torch.float64)
-    sumsq = torch.zeros(len(names), dtype=torch.float64)
-    done = 0
-    converged = False
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_probes, desc=f"probe ({estimator})", unit="probe", leave=False)
+        saved_head = warm_up_head(model, batches, head_warmup_steps, lr=head_warmup_lr, loss_fn=calls.loss, seed=seed)
     try:
-        with _probe_state(model, params):
-            step = 0
-            while done < max_probes:
-                block = step * world + rank
-                first = block * probes_per_batch
-                rounds_here = range(first, min(first + probes_per_batch, max_probes))
-                b_idx = block % len(batches)
-                step_sum = torch.zeros(len(names), dtype=torch.float64)
-                step_sq = torch.zeros(len(names), dtype=torch.float64)
-                # One forward (and for Hutchinson the first-order graph) serves every round of the block.
-                shared = batch = None
-                if len(rounds_here):
-                    batch = _to_device(batches[b_idx], device)
-                    if estimator == "hutchinson":
-                        shared = _first_order(model, batch, params, loss_fn, b_idx)
-                    else:
-                        shared = _fisher_logits(model, batch, logits_fn, b_idx)
-                for k, r in enumerate(rounds_here):
-                    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + r)
-                    retain = k + 1 < len(rounds_here)
-                    if estimator == "fisher":
-                        row = _fisher_round(shared, batch, params, generator, retain)
-                    else:
-                        row = _hutchinson_round(shared, params, generator, mode, retain)
-                    for i, value in enumerate(row):
-                        if not math.isfinite(value):
-                            raise CurvatureError(
-                                f"non-finite curvature ({value}) for module {names[i]} at probe {r} (batch {b_idx}); "
-                                "check the inputs and the model's dtype, or use estimator='fisher'"
-                            )
-                    local.append((r, row))
-                    values = torch.tensor(row, dtype=torch.float64)
-                    step_sum += values
-                    step_sq += values * values
-                shared = batch = None
-                count = torch.tensor([float(len(rounds_here))], dtype=torch.float64)
-                if world > 1:
-                    step_sum, step_sq, count = _all_reduce_sum(step_sum, step_sq, count)
-                sums += step_sum
-                sumsq += step_sq
-                done += int(count.item())
-                step += 1
-                if bar is not None:
-                    bar.update(int(count.item()))
-                if done >= max(min_probes, 2) and rtol > 0 and done < max_probes:
-                    mean = sums / done
-                    var = (sumsq - done * mean * mean).clamp_min(0) / (done - 1)
-                    se = torch.sqrt(var / done)
-                    if bool(torch.all(se <= rtol * mean.abs())):
-                        converged = True
-                        break
+        with probe_state(model, params):
+            rows, converged = _run_rounds(model, batches, params, names, signal, calls, seed=seed,
+                                          max_probes=max_probes, min_probes=min_probes, rtol=rtol,
+                                          probes_per_batch=probes_per_batch, progress=progress)
+            extras = signal.finish(names, shapes)
     finally:
-        if bar is not None:
-            bar.close()
         if saved_head is not None:
             restore_head(model, saved_head)
         for p in params:
             p.grad = None
+    return _report(rows, names, shapes, signal, estimator, mode, seed, converged, model, time.perf_counter() - start,
+                   extras, meta={"batches": len(batches), "probes_per_batch": probes_per_batch, "rtol": rtol,
+                                 "max_probes": max_probes, "head_warmup_steps": head_warmup_steps})
 
-    if world > 1:
-        # Pool the rows as one summed (rounds x modules) tensor: each round is filled by one process.
-        table = torch.zeros(max_probes, len(names), dtype=torch.float64)
-        filled = torch.zeros(max_probes, dtype=torch.float64)
-        for r, row in local:
-            table[r] = torch.tensor(row, dtype=torch.float64)
-            filled[r] = 1.0
-        table, filled = _all_reduce_sum(table, filled)
-        local = [(r, table[r].tolist()) for r in range(max_probes) if filled[r] > 0]
-    local.sort(key=lambda item: item[0])
-    rounds = len(local)
-    samples = [[row[i] for _, row in local] for i in range(len(names))]
-    if not converged and rtol > 0 and rounds >= max(min_probes, 2):
-        converged = all(_stderr(s) <= rtol * abs(_mean(s)) for s in samples)
-    seconds = time.perf_counter() - start
+
+def _check_probe_args(max_probes, min_probes, probes_per_batch, head_warmup_steps, rtol) -> None:
+    for label, value, low in (("max_probes", max_probes, 1), ("min_probes", min_probes, 1),
+                              ("probes_per_batch", probes_per_batch, 1), ("head_warmup_steps", head_warmup_steps, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ModelError(f"{label} must be an integer >= {low}, got {value!r}")
+    if not (isinstance(rtol, (int, float)) and rtol >= 0 and math.isfinite(rtol)):
+        raise ModelError(f"rtol must be a non-negative number, got {rtol!r}")
+
+
+@dataclass
+class Calls:
+    loss: LossFn
+    logits: LogitsFn
+
+
+def _run_rounds(model, batches, params, names, signal, calls, *, seed, max_probes, min_probes, rtol, probes_per_batch,
+                progress) -> tuple[list[tuple[int, int, list[float]]], bool]:
+    """All probe rounds: ``[(round, batch index, one sample per module)]`` and whether it converged.
+
+    Round r belongs to block r // probes_per_batch; a block's rounds share one batch and what the
+    signal prepares on it. Under torch.distributed, block b runs on process b % world_size and
+    the processes pool their rows after every step, so all of them stop at the same round and
+    hold exactly the rows one process would draw: each round's random vectors come from its own
+    seeded generator.
+    """
+    world, rank = dist_world()
+    device = params[0].device
+    rows: list[tuple[int, int, list[float]]] = []
+    bar = _progress_bar(progress and rank == 0, max_probes, signal.name)
+    converged, step = False, 0
+    try:
+        while len(rows) < max_probes:
+            block = step * world + rank
+            first = block * probes_per_batch
+            b_idx = block % len(batches)
+            local = []
+            if first < max_probes:
+                batch = _to_device(batches[b_idx], device)
+                shared = signal.prepare(model, batch, params, calls, b_idx, first_visit=block < len(batches))
+                span = range(first, min(first + probes_per_batch, max_probes))
+                for k, r in enumerate(span):
+                    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + r)
+                    row = signal.sample(shared, batch, params, generator, retain=k + 1 < len(span))
+                    _check_finite(row, names, r, b_idx)
+                    local.append((r, b_idx, row))
+                shared = batch = None
+            before = len(rows)
+            rows = _pool_rows(rows, local, world, max_probes, len(names))
+            step += 1
+            if bar is not None:
+                bar.update(len(rows) - before)
+            seen = len({b for _, b, _ in rows})
+            if (rtol > 0 and len(rows) >= max(min_probes, 2) and seen >= min(len(batches), max_probes)
+                    and len(rows) < max_probes and _all_within(rows, rtol)):
+                converged = True
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if not converged and rtol > 0 and len(rows) >= max(min_probes, 2):
+        converged = _all_within(rows, rtol)
+    return rows, converged
+
+
+def _progress_bar(show: bool, total: int, name: str):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"probe ({name})", unit="probe", leave=False)
+
+
+def _check_finite(row: Sequence[float], names: Sequence[str], r: int, b_idx: int) -> None:
+    for i, value in enumerate(row):
+        if not math.isfinite(value):
+            raise CurvatureError(
+                f"non-finite curvature ({value}) for module {names[i]} at probe {r} (batch {b_idx}); "
+                "check the inputs and the model's dtype, or use estimator='fisher'"
+            )
+
+
+def _pool_rows(rows, local, world, max_probes, width):
+    """Add this step's rows; under several processes, every process's rows of this step."""
+    if world == 1:
+        return sorted(rows + local)
+    table = torch.zeros(max_probes, width + 2, dtype=torch.float64)
+    for r, b_idx, row in local:
+        table[r, 0] = 1.0
+        table[r, 1] = b_idx
+        table[r, 2:] = torch.tensor(row, dtype=torch.float64)
+    (table,) = all_reduce_sum(table)
+    new = [(r, int(table[r, 1]), table[r, 2:].tolist()) for r in range(max_probes) if table[r, 0] > 0]
+    return sorted(rows + new)
+
+
+def _all_within(rows, rtol: float) -> bool:
+    values = [row for _, _, row in rows]
+    ids = [b for _, b, _ in rows]
+    for i in range(len(values[0])):
+        column = [v[i] for v in values]
+        if not _batch_stderr(column, ids) <= rtol * abs(_mean(column)):
+            return False
+    return True
+
+
+def _batch_stderr(values: Sequence[float], batch_ids: Sequence[int]) -> float:
+    """Standard error of the mean with batches as the unit.
+
+    Rounds on the same batch share its noise, so they are averaged first and the spread of the
+    per-batch means gives the error. With a single batch there is no between-batch spread to
+    measure; the rounds' own spread is then all there is (a lower bound).
+    """
+    groups: dict[int, list[float]] = {}
+    for v, b in zip(values, batch_ids):
+        groups.setdefault(b, []).append(v)
+    if len(groups) < 2:
+        return _stderr(values)
+    return _stderr([_mean(g) for g in groups.values()])
+
+
+def _report(rows, names, shapes, signal, estimator, mode, seed, converged, model, seconds, extras, meta):
+    samples = [[row[i] for _, _, row in rows] for i in range(len(names))]
+    ids = [b for _, b, _ in rows]
     return SensitivityReport(
         scores={n: _mean(s) for n, s in zip(names, samples)},
-        stderr={n: _stderr(s) for n, s in zip(names, samples)},
+        stderr={n: _batch_stderr(s, ids) for n, s in zip(names, samples)},
         num_params={n: shapes[n][0] * shapes[n][1] for n in names},
         shapes=shapes,
-        probes=rounds,
+        probes=len(rows),
         estimator=estimator,
         seconds=seconds,
         samples={n: s for n, s in zip(names, samples)},
+        sample_batches=ids,
         mode=mode if estimator == "hutchinson" else None,
         seed=int(seed),
         converged=converged,
         model=getattr(getattr(model, "config", None), "_name_or_path", None),
-        meta={"batches": len(batches), "probes_per_batch": probes_per_batch, "rtol": rtol,
-              "max_probes": max_probes, "head_warmup_steps": head_warmup_steps},
+        meta={**meta, "signal": signal.describe()},
+        **extras,
     )
-
-
-def _dist_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
-
-
-def _all_reduce_sum(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Sum small CPU float64 tensors over processes (moved to the GPU for NCCL)."""
-    import torch.distributed as dist
-
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    if dist.get_backend() == "nccl":
-        flat = flat.cuda()
-    dist.all_reduce(flat)
-    flat = flat.cpu()
-    out, start = [], 0
-    for t in tensors:
-        out.append(flat[start:start + t.numel()].reshape(t.shape))
-        start += t.numel()
-    return out
-
-
-def _first_order(model, batch, params, loss_fn, b_idx):
-    loss = loss_fn(model, batch)
-    if not torch.isfinite(loss):
-        raise CurvatureError(f"non-finite loss on calibration batch {b_idx}; check the batch and the model's dtype")
-    return torch.autograd.grad(loss, params, create_graph=True)
-
-
-def _hutchinson_round(grads, params, generator, mode, retain):
-    if mode == "joint":
-        vs = [_rademacher(p.shape, generator, p) for p in params]
-        hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=retain, allow_unused=True)
-        return [_dot(v, hv) for v, hv in zip(vs, hvs)]
-    row = []
-    last = len(params) - 1
-    for i, (g, p) in enumerate(zip(grads, params)):
-        v = _rademacher(p.shape, generator, p)
-        (hv,) = torch.autograd.grad(g, p, grad_outputs=v, retain_graph=retain or i < last, allow_unused=True)
-        row.append(_dot(v, hv))
-    return row
-
-
-def _fisher_logits(model, batch, logits_fn, b_idx):
-    logits = logits_fn(model, batch)
-    if not torch.isfinite(logits).all():
-        raise CurvatureError(f"non-finite logits on calibration batch {b_idx}; check the batch and the model's dtype")
-    return logits
-
-
-def _fisher_round(logits, batch, params, generator, retain):
-    loss, n = _sampled_target_loss(logits, batch, generator)
-    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
-    return [(float(_dot(g, g)) / n if g is not None else 0.0) for g in grads]
-
-
-def _dot(v: torch.Tensor, hv: torch.Tensor | None) -> float:
-    if hv is None:  # the loss does not depend on this weight at second order
-        return 0.0
-    # One BLAS dot in float64: the products of float32 (or half) numbers are exact there and the
-    # sum does not depend on how threads split it, so one process and several agree to ~1e-16;
-    # no product tensor is allocated.
-    return float(torch.dot(v.reshape(-1).double(), hv.reshape(-1).double()))
 
 
 def _mean(s: Sequence[float]) -> float:

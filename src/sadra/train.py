@@ -33,7 +33,7 @@ import yaml
 from . import __version__
 from .allocate import RankAllocation, allocate_ranks, uniform_budget
 from .config import RUN_DEFAULTS, check_method, merge_run
-from .data import calibration_batches, get_task, load_glue, majority_score, subsample, tokenize
+from .data import calibration_batches, get_task, load_glue, majority_score, split_selection, subsample, tokenize
 from .errors import CurvatureError
 from .io import atomic_write_text, ensure_dir, write_json
 from .metrics import glue_metrics, predictions_from_logits
@@ -185,7 +185,8 @@ def _common_record(settings, method, seed, counts, calibration_seconds, train_se
         "processes": world_size_from_env(),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        **{k: v for k, v in info.items() if k in ("probe_seconds", "probes", "estimator", "ranks_min", "ranks_max")},
+        **{k: v for k, v in info.items() if k in ("probe_seconds", "probes", "estimator", "rule", "ranks_min", "ranks_max",
+                                                   "eva_passes", "eva_layers_capped")},
     }
 
 
@@ -204,6 +205,24 @@ def _finish(trainer, train_model, out: Path, method: str, shapes, info) -> None:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
+def glue_rows(spec, settings: Mapping[str, Any]):
+    """``(train rows, {split: eval rows}, main split)`` of a GLUE run.
+
+    Seeded subsets; calibration rows come from the train rows only. With
+    ``eval_split="selection"`` the run trains on the train file less its selection rows and is
+    evaluated on those rows: the dev set is not read at all.
+    """
+    train_all = load_glue(spec, "train", settings["glue_dir"])
+    if settings["eval_split"] == "selection":
+        train_all, selection = split_selection(spec, train_all)
+        evals = {"selection": subsample(selection, settings["max_eval_samples"], settings["data_seed"])}
+    else:
+        evals = {split: subsample(load_glue(spec, split, settings["glue_dir"]), settings["max_eval_samples"],
+                                  settings["data_seed"]) for split, _ in spec.eval_splits}
+    train_rows = subsample(train_all, settings["max_train_samples"], settings["data_seed"])
+    return train_rows, evals, next(iter(evals))
+
+
 def run_glue(task: str, method: str, seed: int, out_dir: str | Path, settings: Mapping[str, Any] | None = None,
              *, progress: bool = True, preset: str | None = None) -> dict[str, Any]:
     """Fine-tune and evaluate one (task, method, seed); returns the final metrics record."""
@@ -213,12 +232,7 @@ def run_glue(task: str, method: str, seed: int, out_dir: str | Path, settings: M
     settings, out, device, _ = _prepare(method, settings, out_dir, {"task": spec.name, "seed": seed})
     tr = settings["train"]
 
-    # Data: seeded subsets of train and validation; calibration rows come from train only.
-    train_rows = subsample(load_glue(spec, "train", settings["glue_dir"]), settings["max_train_samples"], settings["data_seed"])
-    eval_splits = {}
-    for split, _ in spec.eval_splits:
-        eval_splits[split] = subsample(load_glue(spec, split, settings["glue_dir"]), settings["max_eval_samples"], settings["data_seed"])
-    main_split = spec.eval_splits[0][0]
+    train_rows, eval_splits, main_split = glue_rows(spec, settings)
 
     model, tokenizer = load_model(settings["model"], spec.num_labels, seed=seed, trust_remote_code=settings["trust_remote_code"])
     model.to(device)
@@ -272,6 +286,7 @@ def run_glue(task: str, method: str, seed: int, out_dir: str | Path, settings: M
         "task": spec.name,
         "method": method,
         "seed": int(seed),
+        "eval_split": settings["eval_split"],
         "metrics": metrics,
         "main_metric": spec.main_metric,
         **({"extra_metrics": extra} if extra else {}),
@@ -395,6 +410,8 @@ def _build_method(method, model, settings, seed, targets, shapes, heads, make_ba
         peft_model = eva_model(model, targets, batches, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
                                settings=ev, modules_to_save=heads, task_type=task_type, progress=progress)
         ranks = lora_ranks(peft_model)
+        stats = peft_model.sadra_eva_stats
+        info.update(eva_passes=stats["passes"], eva_layers_capped=stats["layers_capped"])
         if is_main_process():
             write_json(out / "allocation.json", {"method": "eva", "ranks": {t: ranks.get(t, 0) for t in targets},
                                                  "shapes": {k: list(v) for k, v in shapes.items()},
