@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .allocate import RankAllocation, allocate_ranks
+from .allocate import RankAllocation, allocate_ranks, uniform_budget
 from .errors import ModelError
 from .models import head_module_names
 
@@ -75,7 +75,7 @@ def random_allocation(shapes: Mapping[str, tuple[int, int]], seed: int, **alloc_
     rng = np.random.default_rng(10_000 + int(seed))
     scores = {n: float(v) for n, v in zip(shapes, rng.lognormal(0.0, 1.0, size=len(shapes)))}
     alloc = allocate_ranks(scores, shapes=dict(shapes), **alloc_kwargs)
-    alloc.estimator = "random"
+    alloc.estimator = alloc.rule = "random"
     return alloc
 
 
@@ -119,6 +119,160 @@ def lora_ranks(model: nn.Module) -> dict[str, int]:
         if isinstance(r, dict) and "default" in r and hasattr(module, "lora_A"):
             out[name.split("base_model.model.", 1)[-1]] = int(r["default"])
     return out
+
+
+def probe_options(settings: Mapping[str, Any], *, has_head: bool = True) -> dict[str, Any]:
+    """``estimate_sensitivity`` keyword arguments from run settings (shared by ``sadra probe`` and runs)."""
+    pr = settings["probe"]
+    return dict(estimator=pr["estimator"], mode=pr["mode"], max_probes=pr["max_probes"], min_probes=pr["min_probes"],
+                rtol=pr["rtol"], probes_per_batch=pr["probes_per_batch"],
+                head_warmup_steps=pr["head_warmup_steps"] if has_head else 0, head_warmup_lr=pr["head_warmup_lr"],
+                spectrum_rank=settings["allocate"]["max_rank"] + 1)
+
+
+def allocation_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``allocate_ranks`` keyword arguments from run settings; the budget is uniform ``lora.r``."""
+    al = settings["allocate"]
+    return dict(rule=al["rule"], budget=f"lora-r{settings['lora']['r']}", base_rank=settings["lora"]["r"],
+                min_rank=al["min_rank"], max_rank=al["max_rank"], prune=al["prune"], normalize=al["normalize"],
+                power=al["power"])
+
+
+def build_method_model(ctx, model: nn.Module):
+    """The model to train for ``ctx.method`` (None: ``model`` itself, i.e. full fine-tuning)."""
+    from peft import get_peft_model
+
+    method, st = ctx.method, ctx.settings
+    if method == "full":
+        return None
+    if method == "adalora":
+        return get_peft_model(model, adalora_config(ctx.targets, total_step=ctx.total_steps, settings=st["adalora"],
+                                                    dropout=st["lora"]["dropout"], modules_to_save=ctx.heads,
+                                                    task_type=ctx.task_type))
+    if method == "eva":
+        return _eva_for_run(ctx, model)
+    alloc = None if method in ("lora", "lora-ga") else _allocation_for_run(ctx, model)
+    if alloc is None:
+        lora = st["lora"]
+        config = uniform_lora_config(ctx.targets, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+                                     modules_to_save=ctx.heads, task_type=ctx.task_type)
+    else:
+        config = allocated_lora_config(alloc, dropout=st["lora"]["dropout"], alpha_ratio=st["allocate"]["alpha_ratio"],
+                                       use_rslora=st["allocate"]["use_rslora"], modules_to_save=ctx.heads,
+                                       task_type=ctx.task_type)
+    ctx.info["init"] = st["init"]
+    if st["init"] == "gradient":
+        return _gradient_initialised(ctx, model, config)
+    return get_peft_model(model, config)
+
+
+def _allocation_for_run(ctx, model: nn.Module) -> RankAllocation:
+    from .distributed import check_same_across_processes, is_main_process
+
+    st = ctx.settings
+    if ctx.method == "random":
+        opts = allocation_options(st)
+        opts.pop("rule")
+        alloc = random_allocation(ctx.shapes, ctx.seed, **opts)
+    elif st["allocation_file"]:
+        alloc = RankAllocation.load(st["allocation_file"])
+        check_allocation(alloc, model)
+    else:
+        alloc = allocate_ranks(_probe_for_run(ctx, model), **allocation_options(st))
+    # Every process must build the same shapes, or DDP fails in obscure ways: check loudly here.
+    check_same_across_processes(alloc.ranks, "rank allocations")
+    if is_main_process():
+        alloc.save(ctx.out / "allocation.json")
+    nonzero = [r for r in alloc.ranks.values() if r > 0]
+    ctx.info.update(ranks_min=min(nonzero), ranks_max=max(nonzero), rule=alloc.rule)
+    return alloc
+
+
+def _probe_for_run(ctx, model: nn.Module):
+    """The run's probe report: a given file, the run's own from before a restart, or a new probe."""
+    from .distributed import is_main_process
+    from .probe import SensitivityReport, estimate_sensitivity
+
+    st = ctx.settings
+    path = ctx.out / "probe.json"
+    given = st["probe_file"]
+    if given or path.exists():  # a resumed run's own report is the one it would compute again
+        report = SensitivityReport.load(given or path)
+        report.check_model(model)
+    else:
+        pr = st["probe"]
+        batches = ctx.make_batches(pr["num_batches"], pr["batch_size"], ctx.seed)
+        report = estimate_sensitivity(model, batches, targets=ctx.targets, seed=ctx.seed, progress=ctx.progress,
+                                      **probe_options(st, has_head=bool(ctx.heads)))
+    if is_main_process():
+        report.save(path)
+    ctx.info.update(probe_seconds=round(report.seconds, 3), probes=report.probes, estimator=report.estimator)
+    return report
+
+
+def _gradient_initialised(ctx, model: nn.Module, config):
+    """PEFT's LoRA-GA on the chosen ranks: each adapter starts from the calibration gradient's top
+    singular directions (PEFT reads each module's own rank, so a rank pattern is honoured)."""
+    from peft import LoraGAConfig, get_peft_model
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    from .distributed import is_main_process
+    from .probe import _to_device
+
+    pr = ctx.settings["probe"]
+    batches = ctx.make_batches(pr["num_batches"], pr["batch_size"], ctx.seed)
+    config.init_lora_weights = "lora_ga"
+    config.lora_ga_config = LoraGAConfig()
+
+    def train_step():
+        for batch in batches:
+            model(**_to_device(batch, ctx.device)).loss.backward()
+
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+        torch.manual_seed(ctx.seed)
+        preprocess_loraga(model, config, train_step)
+    peft_model = get_peft_model(model, config)
+    if is_main_process():
+        # The initial adapter, saved as plain LoRA, lets the final one be converted for the unchanged base.
+        from .train import INITIAL_ADAPTER
+
+        peft_model.peft_config["default"].init_lora_weights = True
+        peft_model.save_pretrained(str(ctx.out / INITIAL_ADAPTER), safe_serialization=True)
+        peft_model.peft_config["default"].init_lora_weights = "lora_ga"
+    return peft_model
+
+
+def _eva_for_run(ctx, model: nn.Module):
+    from .distributed import is_main_process
+    from .io import write_json
+
+    st = ctx.settings
+    ev, lora = st["eva"], st["lora"]
+    batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in ctx.make_batches(ev["num_batches"], ev["batch_size"],
+                                                                                        ctx.seed)]
+    peft_model = eva_model(model, ctx.targets, batches, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+                           settings=ev, modules_to_save=ctx.heads, task_type=ctx.task_type, progress=ctx.progress)
+    ranks = lora_ranks(peft_model)
+    stats = peft_model.sadra_eva_stats
+    ctx.info.update(eva_passes=stats["passes"], eva_layers_capped=stats["layers_capped"])
+    if is_main_process():
+        write_json(ctx.out / "allocation.json", {
+            "method": "eva", "ranks": {t: ranks.get(t, 0) for t in ctx.targets},
+            "shapes": {k: list(v) for k, v in ctx.shapes.items()}, "budget": uniform_budget(ctx.shapes, lora["r"]),
+            "params": sum(r * sum(ctx.shapes[t]) for t, r in ranks.items() if t in ctx.shapes),
+            "eva_passes": stats["passes"], "eva_layers_capped": stats["layers_capped"]})
+    return peft_model
+
+
+def check_allocation(alloc: RankAllocation, model: nn.Module) -> None:
+    """An allocation from a file must name this model's linear modules with their shapes."""
+    from .models import target_shapes
+
+    shapes = target_shapes(model, alloc.ranks)
+    for name, shape in shapes.items():
+        if tuple(alloc.shapes.get(name, shape)) != tuple(shape):
+            raise ModelError(f"allocation was made for another model: {name} is {shape} here but "
+                             f"{tuple(alloc.shapes[name])} in the file; re-run 'sadra allocate' on this model's probe")
 
 
 def eva_model(model: nn.Module, targets: Sequence[str], batches: Sequence[Any], *, r: int, alpha: float, dropout: float,

@@ -1,17 +1,25 @@
-"""The benchmark grid: tasks x methods x seeds, resumable, one JSON line per finished run.
+"""The benchmark grid: tasks x methods x seeds, resumable, one JSON line per finished cell.
 
 Each cell runs in its own process (``python -m sadra train``), so its peak memory is its own
-and a crash or kill loses at most that cell. The parent appends the cell's record to
-``results.jsonl`` with a single write once the child has written ``metrics.json``; rerunning
-the same command skips cells already in ``results.jsonl`` and redoes unfinished ones (resuming
-from their last checkpoint).
+and a crash, a kill or a hang loses at most that cell. A cell is keyed by its task, method,
+seed and the hash of its full resolved settings; the parent appends its record to
+``results.jsonl`` with a single write once the child has written ``metrics.json``. A cell that
+fails or runs past ``cell_timeout`` is killed and recorded in ``failures.jsonl`` instead (never
+in both), and the grid goes on. Rerunning the same command skips finished cells, resumes
+unfinished ones from their last checkpoint and retries a failed cell once (``retry_failed``).
+A rerun whose settings differ from those a finished cell ran with stops with an error: the
+old and new cells would not be comparable. Use a new ``--out`` or ``--series NAME`` for that.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +27,11 @@ import yaml
 
 from . import __version__
 from .config import BenchmarkConfig
-from .errors import SadraError
+from .errors import ConfigError, SadraError
 from .io import append_jsonl, atomic_write_text, ensure_dir, read_json, read_jsonl, write_json
+
+# Settings that say where things are, not what runs: they do not change a cell's identity.
+_NOT_IDENTITY = ("glue_dir", "cell_timeout")
 
 
 def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
@@ -36,76 +47,242 @@ def git_commit() -> str | None:
     return res.stdout.strip() or None if res.returncode == 0 else None
 
 
-def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = True, report: bool = True) -> list[dict[str, Any]]:
+def settings_hash(settings: dict[str, Any], base_method: str) -> str:
+    """A short hash of what a cell runs: its method and every setting that changes the result."""
+    ident = {k: v for k, v in settings.items() if k not in _NOT_IDENTITY}
+    text = json.dumps({"method": base_method, "settings": ident}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def derived_cell_timeout(settings: dict[str, Any], train_rows: int) -> int:
+    """The default wall-clock limit of a cell: generous, only there to end a hang.
+
+    It assumes 5 training examples/s at 64 tokens (ten times slower than LoRA on 2 CPU cores)
+    plus 15 minutes for loading, calibration and evaluation.
+    """
+    tr = settings["train"]
+    rows = min(train_rows, settings["max_train_samples"] or train_rows)
+    examples = rows * tr["epochs"] * max(1.0, settings["max_length"] / 64)
+    return int(900 + examples / 5)
+
+
+class _Cell:
+    def __init__(self, cfg: BenchmarkConfig, out: Path, task: str, method: str, seed: int):
+        self.task, self.method, self.seed = task, method, seed
+        self.base_method = cfg.base_method(method)
+        self.settings = cfg.resolve(task, method)
+        self.hash = settings_hash(self.settings, self.base_method)
+        self.folder = run_dir(out, task, method, seed)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.task, self.method, self.seed
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.method}/seed{self.seed}"
+
+
+def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = True, report: bool = True,
+                  retry_failed: bool = True) -> list[dict[str, Any]]:
     """Run every missing cell of the grid; returns all records in ``out/results.jsonl``."""
     from tqdm.auto import tqdm
 
     from .data import check_glue_folder
+    from .distributed import is_main_process, maybe_init_distributed
 
     for task in cfg.tasks:  # fail before any run starts, not hours in
         check_glue_folder(task, cfg.resolve(task, cfg.methods[0])["glue_dir"])
-    from .distributed import is_main_process, maybe_init_distributed
-
     distributed = maybe_init_distributed()
     main = is_main_process()
     out = ensure_dir(out, "benchmark output folder")
-    results_path = out / "results.jsonl"
+    cells = [_Cell(cfg, out, t, m, s) for t in cfg.tasks for m in cfg.methods for s in cfg.seeds]
+    done = _check_same_settings(cells, out)
     if main:
         write_json(out / "benchmark_config.json", cfg.to_dict())
-    done = {(r.get("task"), r.get("method"), r.get("seed")) for r in read_jsonl(results_path)}
-    cells = [(t, m, s) for t in cfg.tasks for m in cfg.methods for s in cfg.seeds]
     commit = git_commit()
     bar = tqdm(cells, desc="benchmark", unit="run", disable=not (progress and main))
-    for task, method, seed in bar:
-        bar.set_postfix_str(f"{task}/{method}/seed{seed}")
-        if (task, method, seed) in done:
+    for cell in bar:
+        bar.set_postfix_str(cell.name)
+        if cell.key in done or not _should_run(cell, out, retry_failed):
             continue
-        folder = run_dir(out, task, method, seed)
-        record = _finished_record(folder)
-        if record is None and distributed:
-            # Under torchrun every process runs the same cell in-process, so the Trainer's DDP spans them.
-            started = time.time()
-            from .train import run_glue
-
-            record = run_glue(task, method, seed, folder, cfg.resolve(task, method), progress=progress and main,
-                              preset=cfg.name)
-            record["wall_seconds"] = round(time.time() - started, 1)
-        elif record is None:
-            settings = cfg.resolve(task, method)
-            ensure_dir(folder, "run folder")
-            atomic_write_text(folder / "run.yaml", yaml.safe_dump(settings, sort_keys=False))
-            cmd = [sys.executable, "-m", "sadra", "train", "--task", task, "--method", method, "--seed", str(seed),
-                   "--config", str(folder / "run.yaml"), "--out", str(folder), "--preset-name", cfg.name]
-            if not progress:
-                cmd.append("--quiet")
-            started = time.time()
-            proc = subprocess.run(cmd)
-            if proc.returncode != 0:
-                raise SadraError(
-                    f"run {task}/{method}/seed{seed} failed (exit {proc.returncode}, see above); fix it and rerun the same command to resume"
-                )
-            record = _finished_record(folder)
-            if record is None:
-                raise SadraError(f"run {task}/{method}/seed{seed} ended without metrics.json; rerun the same command to resume")
-            record["wall_seconds"] = round(time.time() - started, 1)
-        record.update(preset=cfg.name, git_commit=commit, sadra_version=__version__)
+        record = _run_in_process(cell, cfg, progress and main) if distributed else _run_cell(cell, cfg, out, progress)
+        if record is None:
+            continue
+        record.update(preset=cfg.name, git_commit=commit, sadra_version=__version__, method=cell.method,
+                      base_method=cell.base_method, settings_hash=cell.hash)
         if main:
-            append_jsonl(results_path, record)
-        done.add((task, method, seed))
-    if not main:
-        return read_jsonl(results_path)
-    records = read_jsonl(results_path)
+            append_jsonl(out / "results.jsonl", record)
+            _forget_failures(out, cell)
+        done.add(cell.key)
+    records = read_jsonl(out / "results.jsonl")
+    if main:
+        _write_outputs(out, records, cfg, report)
+    return records
+
+
+def _check_same_settings(cells: list[_Cell], out: Path) -> set[tuple[str, str, int]]:
+    """Finished cells of this grid; an error if one of them ran with other settings."""
+    by_key = {c.key: c for c in cells}
+    done = set()
+    for record in read_jsonl(out / "results.jsonl"):
+        key = (record.get("task"), record.get("method"), record.get("seed"))
+        cell = by_key.get(key)
+        if cell is None:
+            continue
+        old = record.get("settings_hash") or _legacy_hash(cell)
+        if old is not None and old != cell.hash:
+            raise ConfigError(
+                f"{cell.name} in {str(out)!r} ran with other settings{_first_difference(cell)}; "
+                "use a new --out, or --series NAME to start a separate series in it"
+            )
+        done.add(key)
+    return done
+
+
+def _legacy_hash(cell: _Cell) -> str | None:
+    """The hash of a cell recorded before records carried one, from its run.yaml."""
+    path = cell.folder / "run.yaml"
+    if not path.exists():
+        return None
+    try:
+        from .config import RUN_DEFAULTS, merge_run, method_settings
+
+        old = method_settings(cell.base_method, merge_run(RUN_DEFAULTS, yaml.safe_load(path.read_text()) or {}, str(path)))
+    except (SadraError, yaml.YAMLError):
+        return None
+    return settings_hash(old, cell.base_method)
+
+
+def _first_difference(cell: _Cell) -> str:
+    path = cell.folder / "run.yaml"
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ""
+    for key, new_value in _flatten(cell.settings).items():
+        old_value = _flatten(old).get(key)
+        if key not in _NOT_IDENTITY and old_value != new_value:
+            return f" ({key} was {old_value!r}, now {new_value!r})"
+    return ""
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _failures_of(out: Path, cell: _Cell) -> list[dict[str, Any]]:
+    return [f for f in read_jsonl(out / "failures.jsonl")
+            if (f.get("task"), f.get("method"), f.get("seed")) == cell.key and f.get("settings_hash") == cell.hash]
+
+
+def _should_run(cell: _Cell, out: Path, retry_failed: bool) -> bool:
+    """A cell that failed before is retried once (twice failed: left alone); never with retry_failed off."""
+    failures = len(_failures_of(out, cell))
+    return failures == 0 or (retry_failed and failures < 2)
+
+
+def _forget_failures(out: Path, cell: _Cell) -> None:
+    path = out / "failures.jsonl"
+    rows = read_jsonl(path)
+    keep = [f for f in rows if (f.get("task"), f.get("method"), f.get("seed")) != cell.key]
+    if len(keep) != len(rows):
+        atomic_write_text(path, "".join(json.dumps(f) + "\n" for f in keep))
+
+
+def _run_in_process(cell: _Cell, cfg: BenchmarkConfig, progress: bool) -> dict[str, Any]:
+    """Under torchrun every process runs the same cell in-process, so the Trainer's DDP spans them."""
+    from .train import run_glue
+
+    started = time.time()
+    record = _finished_record(cell.folder) or run_glue(cell.task, cell.base_method, cell.seed, cell.folder,
+                                                       cell.settings, progress=progress, preset=cfg.name)
+    record["wall_seconds"] = round(time.time() - started, 1)
+    return record
+
+
+def _run_cell(cell: _Cell, cfg: BenchmarkConfig, out: Path, progress: bool) -> dict[str, Any] | None:
+    """One cell in a child process under its wall-clock limit; None (and a failures.jsonl line) if it fails."""
+    record = _finished_record(cell.folder)
+    if record is not None:
+        return record
+    ensure_dir(cell.folder, "run folder")
+    atomic_write_text(cell.folder / "run.yaml", yaml.safe_dump(cell.settings, sort_keys=False))
+    cmd = [sys.executable, "-m", "sadra", "train", "--task", cell.task, "--method", cell.base_method,
+           "--seed", str(cell.seed), "--config", str(cell.folder / "run.yaml"), "--out", str(cell.folder),
+           "--preset-name", cfg.name] + ([] if progress else ["--quiet"])
+    limit = cell.settings["cell_timeout"] or derived_cell_timeout(cell.settings, _train_rows(cell))
+    started = time.time()
+    code, tail = _run_with_limit(cmd, limit, cell.folder / "cell.log")
+    record = _finished_record(cell.folder) if code == 0 else None
+    if record is not None:
+        record["wall_seconds"] = round(time.time() - started, 1)
+        return record
+    reason = (f"killed after its {limit} s limit (cell_timeout)" if code is None
+              else f"exit {code}: {tail or 'no output'}" if code != 0 else "ended without metrics.json")
+    append_jsonl(out / "failures.jsonl", {"task": cell.task, "method": cell.method, "seed": cell.seed,
+                                          "settings_hash": cell.hash, "reason": reason, "cell_timeout": limit,
+                                          "wall_seconds": round(time.time() - started, 1), "time": time.time()})
+    print(f"sadra: {cell.name} failed ({reason}); recorded in {out / 'failures.jsonl'}, going on", file=sys.stderr)
+    return None
+
+
+def _run_with_limit(cmd: list[str], limit: float, log_path: Path) -> tuple[int | None, str]:
+    """Run ``cmd``, echoing its output and keeping it in ``log_path``; kill it past ``limit`` seconds.
+
+    Returns (exit code or None if killed, its last error line). The child stays in this process
+    group, so a kill of the benchmark also ends it.
+    """
+    tail: deque[str] = deque(maxlen=40)
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+
+        def pump():
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+                tail.append(line.rstrip())
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = None
+        reader.join(timeout=10)
+    errors = [line for line in tail if line.startswith("sadra: error:") or "Error" in line]
+    return code, (errors[-1] if errors else (tail[-1] if tail else ""))[:300]
+
+
+def _train_rows(cell: _Cell) -> int:
+    from .data import get_task, glue_dir_from_env
+
+    root = glue_dir_from_env(cell.settings["glue_dir"])
+    path = root / get_task(cell.task).folder / "train.tsv" if root else None
+    if path is None or not path.is_file():
+        return cell.settings["max_train_samples"] or 100_000
+    with open(path, "rb") as fh:
+        return max(1, sum(1 for _ in fh) - 1)
+
+
+def _write_outputs(out: Path, records: list[dict[str, Any]], cfg: BenchmarkConfig, report: bool) -> None:
     from .results import write_results
 
-    write_results(records, out, methods=cfg.methods)
+    write_results(records, out, methods=cfg.methods, failures=read_jsonl(out / "failures.jsonl"))
     if report:
         try:
             from .report import write_report
         except ImportError:
-            pass
-        else:
-            write_report(out)
-    return records
+            return
+        write_report(out)
 
 
 def _finished_record(folder: Path) -> dict[str, Any] | None:

@@ -54,48 +54,55 @@ def _non_negative_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .config import METHODS
 
     parser = _Parser(prog="sadra", description="Curvature-aware LoRA rank allocation: probe, allocate, train, benchmark.")
     parser.add_argument("--version", action="version", version=f"sadra {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("probe", help="estimate per-module curvature on calibration batches")
-    p.add_argument("--model", default="minilm", help="'minilm' (default, offline), a local folder or a hub id")
-    p.add_argument("--task", default=None, help="GLUE task whose train split gives the calibration batches")
+    from .settings import default_of, help_of
+
+    p = sub.add_parser("probe", help="measure each module's signal (curvature, gradient spectrum) on calibration batches")
+    p.add_argument("--model", default=default_of("model"), help=help_of("model"))
+    p.add_argument("--task", default=None, help="GLUE task whose train split gives the calibration batches (default sst2)")
     p.add_argument("--text-file", default=None, help="causal LM: a text file, one document per line")
     _add_data_args(p)
-    p.add_argument("--estimator", default="fisher", help="fisher (default) or hutchinson")
-    p.add_argument("--mode", default="per_module", help="Hutchinson mode: per_module (default) or joint")
-    p.add_argument("--max-probes", type=_positive_int, default=64)
-    p.add_argument("--rtol", type=_non_negative_float, default=0.1, help="stop when every module's s.e./|mean| <= rtol")
-    p.add_argument("--probes-per-batch", type=_positive_int, default=None,
-                   help="rounds sharing one batch (default: 8 for hutchinson joint, else 1)")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--num-batches", type=_positive_int, default=4)
-    p.add_argument("--max-length", type=_positive_int, default=128)
-    p.add_argument("--head-warmup-steps", type=_non_negative_int, default=50)
+    p.add_argument("--estimator", default=default_of("probe.estimator"), help=help_of("probe.estimator"))
+    p.add_argument("--mode", default=default_of("probe.mode"), help=help_of("probe.mode"))
+    p.add_argument("--max-probes", type=_positive_int, default=default_of("probe.max_probes"), help=help_of("probe.max_probes"))
+    p.add_argument("--rtol", type=_non_negative_float, default=default_of("probe.rtol"), help=help_of("probe.rtol"))
+    p.add_argument("--probes-per-batch", type=_positive_int, default=None, help=help_of("probe.probes_per_batch"))
+    p.add_argument("--batch-size", type=_positive_int, default=default_of("probe.batch_size"), help=help_of("probe.batch_size"))
+    p.add_argument("--num-batches", type=_positive_int, default=default_of("probe.num_batches"), help=help_of("probe.num_batches"))
+    p.add_argument("--max-length", type=_positive_int, default=default_of("max_length"), help=help_of("max_length"))
+    p.add_argument("--head-warmup-steps", type=_non_negative_int, default=default_of("probe.head_warmup_steps"),
+                   help=help_of("probe.head_warmup_steps"))
+    p.add_argument("--max-rank", type=_positive_int, default=default_of("allocate.max_rank"),
+                   help="gradient signal: keep max_rank + 1 singular values per module")
     p.add_argument("--targets", nargs="+", default=None, help="module names or regexes (default: every linear map in the blocks)")
     p.add_argument("--seed", type=_non_negative_int, default=0)
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true", help=help_of("trust_remote_code"))
     p.add_argument("--out", required=True, help="where to write the probe report (JSON)")
 
     a = sub.add_parser("allocate", help="allocate ranks from a probe report under a parameter budget")
     a.add_argument("probe", help="probe report written by 'sadra probe'")
-    a.add_argument("--budget", default="lora-r8", help="'lora-r<k>' (uniform rank k on the same modules) or a parameter count")
-    a.add_argument("--base-rank", type=_positive_int, default=8)
-    a.add_argument("--min-rank", type=_non_negative_int, default=2)
-    a.add_argument("--max-rank", type=_positive_int, default=32)
-    a.add_argument("--prune", action="store_true", help="allow rank 0 (no adapter) for the flattest modules")
-    a.add_argument("--normalize", default="none", help="none (raw trace) or per_param (trace per weight)")
-    a.add_argument("--power", type=float, default=1.0, help="allocate in proportion to score**power")
+    a.add_argument("--rule", default=default_of("allocate.rule"), help=help_of("allocate.rule"))
+    a.add_argument("--budget", default=f"lora-r{default_of('lora.r')}",
+                   help="'lora-r<k>' (uniform rank k on the same modules) or a parameter count")
+    a.add_argument("--base-rank", type=_positive_int, default=default_of("lora.r"), help="rank of the uniform LoRA it replaces")
+    a.add_argument("--min-rank", type=_non_negative_int, default=default_of("allocate.min_rank"), help=help_of("allocate.min_rank"))
+    a.add_argument("--max-rank", type=_positive_int, default=default_of("allocate.max_rank"), help=help_of("allocate.max_rank"))
+    a.add_argument("--prune", action="store_true", help=help_of("allocate.prune"))
+    a.add_argument("--normalize", default=default_of("allocate.normalize"), help=help_of("allocate.normalize"))
+    a.add_argument("--power", type=float, default=default_of("allocate.power"), help=help_of("allocate.power"))
     a.add_argument("--out", default=None, help="where to write the allocation (JSON)")
     a.add_argument("--plot", default=None, help="also draw the allocation as a heatmap PNG")
 
     t = sub.add_parser("train", help="fine-tune one (task, method, seed) and evaluate it")
     t.add_argument("--task", required=True, help="a GLUE task (sst2, mrpc, qnli, ...) or causal-lm (with --text-file)")
     t.add_argument("--text-file", default=None, help="causal-lm: training text, one document per line")
-    t.add_argument("--method", required=True, help="full, lora, sadra, sadra-fisher, adalora, eva or random")
+    t.add_argument("--method", required=True, help="one of: " + ", ".join(METHODS))
     t.add_argument("--seed", type=_non_negative_int, default=0)
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--preset", default=None, help="take settings from a preset (smoke, cpu, paper)")
@@ -119,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", nargs="+", type=_non_negative_int, default=None)
     _add_data_args(b)
     b.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
+    b.add_argument("--series", default=None,
+                   help="start a separate series in OUT/SERIES (settings may differ from OUT's finished cells)")
+    b.add_argument("--no-retry-failed", action="store_true",
+                   help="skip cells recorded in failures.jsonl (by default a failed cell is retried once)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.epochs=2 per_method.full.train.learning_rate=5e-5")
 
@@ -147,31 +158,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_probe(args) -> int:
-    from .data import calibration_batches, get_task, load_glue
-    from .io import ensure_dir
-    from .models import load_probe_model
+    from .adapt import probe_options
+    from .config import RUN_DEFAULTS, merge_run
+    from .io import check_output_file
     from .probe import estimate_sensitivity
 
-    out = Path(args.out)
-    ensure_dir(out.parent if str(out.parent) else ".", "output folder")
-    if args.text_file:
-        from .lm import load_text_batches
-
-        model, tokenizer = load_probe_model(args.model, task="causal-lm", trust_remote_code=args.trust_remote_code)
-        batches = load_text_batches(args.text_file, tokenizer, num_batches=args.num_batches, batch_size=args.batch_size,
-                                    max_length=args.max_length, seed=args.seed)
-        task_name = None
-    else:
-        spec = get_task(args.task or "sst2")
-        rows = load_glue(spec, "train", args.glue_dir)
-        model, tokenizer = load_probe_model(args.model, spec.num_labels, seed=args.seed, trust_remote_code=args.trust_remote_code)
-        batches = calibration_batches(rows, tokenizer, num_batches=args.num_batches, batch_size=args.batch_size,
-                                      max_length=args.max_length, seed=args.seed)
-        task_name = spec.name
-    report = estimate_sensitivity(
-        model, batches, targets=args.targets, estimator=args.estimator, mode=args.mode, max_probes=args.max_probes,
-        rtol=args.rtol, probes_per_batch=args.probes_per_batch, seed=args.seed,
-        head_warmup_steps=0 if args.text_file else args.head_warmup_steps, progress=sys.stderr.isatty())
+    out = check_output_file(args.out, "probe report")  # before any work
+    settings = merge_run(RUN_DEFAULTS, {"probe": {
+        "estimator": args.estimator, "mode": args.mode, "max_probes": args.max_probes, "rtol": args.rtol,
+        "probes_per_batch": args.probes_per_batch, "batch_size": args.batch_size, "num_batches": args.num_batches,
+        "head_warmup_steps": args.head_warmup_steps}, "allocate": {"max_rank": args.max_rank}}, "command line")
+    model, batches, task_name = _probe_inputs(args)
+    report = estimate_sensitivity(model, batches, targets=args.targets, seed=args.seed, progress=sys.stderr.isatty(),
+                                  **probe_options(settings, has_head=not args.text_file))
     report.model = args.model
     report.meta["task"] = task_name
     report.save(out)
@@ -181,23 +180,46 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def _probe_inputs(args):
+    """The model (as a run loads it) and calibration batches of ``sadra probe``."""
+    from .data import calibration_batches, get_task, load_glue
+    from .models import load_model
+
+    if args.text_file:
+        from .lm import load_text_batches
+
+        model, tokenizer = load_model(args.model, task="causal-lm", trust_remote_code=args.trust_remote_code)
+        batches = load_text_batches(args.text_file, tokenizer, num_batches=args.num_batches, batch_size=args.batch_size,
+                                    max_length=args.max_length, seed=args.seed)
+        return model, batches, None
+    spec = get_task(args.task or "sst2")
+    rows = load_glue(spec, "train", args.glue_dir)
+    model, tokenizer = load_model(args.model, spec.num_labels, seed=args.seed, trust_remote_code=args.trust_remote_code)
+    batches = calibration_batches(rows, tokenizer, num_batches=args.num_batches, batch_size=args.batch_size,
+                                  max_length=args.max_length, seed=args.seed)
+    return model, batches, spec.name
+
+
 def cmd_allocate(args) -> int:
     from .allocate import allocate_ranks
+    from .io import check_output_file
     from .probe import SensitivityReport
 
+    out = check_output_file(args.out, "allocation") if args.out else None
+    plot = check_output_file(args.plot, "plot") if args.plot else None
     report = SensitivityReport.load(args.probe)
-    alloc = allocate_ranks(report, budget=args.budget, base_rank=args.base_rank, min_rank=args.min_rank,
+    alloc = allocate_ranks(report, rule=args.rule, budget=args.budget, base_rank=args.base_rank, min_rank=args.min_rank,
                            max_rank=args.max_rank, prune=args.prune, normalize=args.normalize, power=args.power)
     print(alloc.table())
-    if args.out:
-        alloc.save(args.out)
-        print(f"wrote {args.out}")
-    if args.plot:
+    if out:
+        alloc.save(out)
+        print(f"wrote {out}")
+    if plot:
         from .report import plot_allocation
 
-        plot_allocation(alloc.ranks, alloc.shapes, args.plot, title=f"SADRA ranks ({report.estimator})",
+        plot_allocation(alloc.ranks, alloc.shapes, plot, title=f"SADRA ranks ({report.estimator}, {alloc.rule})",
                         budget=alloc.budget, base_rank=alloc.base_rank)
-        print(f"wrote {args.plot}")
+        print(f"wrote {plot}")
     return 0
 
 
@@ -284,13 +306,24 @@ def cmd_benchmark(args) -> int:
         overrides.append(f"glue_dir={args.glue_dir}")
     cfg = load_benchmark_config(args.preset, args.config, overrides)
     out = Path(args.out or os.path.join("runs", cfg.name))
-    from .distributed import is_main_process
+    if args.series:
+        from .config import check_name
 
-    run_benchmark(cfg, out, progress=not args.quiet)
+        out = out / check_name(args.series, "--series")
+    from .distributed import is_main_process
+    from .io import read_jsonl
+
+    records = run_benchmark(cfg, out, progress=not args.quiet, retry_failed=not args.no_retry_failed)
     if not is_main_process():
         return 0
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.jsonl'}, {out / 'results.md'} and {out / 'report.md'}")
+    finished = {(r.get("task"), r.get("method"), r.get("seed")) for r in records}
+    failed = sorted({f"{f['task']}/{f['method']}/seed{f['seed']}" for f in read_jsonl(out / "failures.jsonl")
+                     if (f.get("task"), f.get("method"), f.get("seed")) not in finished})
+    if failed:
+        print(f"sadra: {len(failed)} cell(s) failed: {', '.join(failed)}; see {out / 'failures.jsonl'}", file=sys.stderr)
+        return 1
     return 0
 
 

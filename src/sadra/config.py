@@ -24,6 +24,18 @@ METHODS = ("full", "lora", "lora-ga", "sadra", "sadra-seed", "sadra-fisher", "ad
 # Methods whose ranks come from SADRA's probe and allocation (or, for random, its solver).
 ALLOCATED_METHODS = ("sadra", "sadra-seed", "sadra-fisher", "random")
 PRESETS = ("smoke", "cpu", "paper")
+# Settings a method fixes whatever the config says: the named variants of SADRA, and LoRA-GA.
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {
+    "sadra-seed": {"probe": {"estimator": "hutchinson"}, "allocate": {"rule": "proportional"}},
+    "sadra-fisher": {"probe": {"estimator": "fisher"}, "allocate": {"rule": "proportional"}},
+    "lora-ga": {"init": "gradient"},
+    "lora": {"init": "default"},
+}
+
+
+def method_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with what ``method`` fixes applied (``sadra-seed`` always probes with Hutchinson)."""
+    return merge_run(dict(settings), METHOD_SETTINGS.get(method, {}), f"method {method}")
 
 # The run schema: every default, type and rule comes from sadra.settings.
 RUN_DEFAULTS: dict[str, Any] = _settings.defaults()
@@ -39,7 +51,7 @@ GRID_DEFAULTS: dict[str, Any] = {
     "methods": list(METHODS),
     "seeds": [0],
 }
-_GRID_KEYS = ("name", "tasks", "methods", "seeds", "per_task", "per_method")
+_GRID_KEYS = ("name", "tasks", "methods", "seeds", "per_task", "per_method", "variants")
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -161,6 +173,7 @@ class BenchmarkConfig:
                 grid[key] = data[key]
         self.where = where
         self.name = check_name(grid["name"], where)
+        self.variants = self._variants(data.get("variants") or {}, where)
         self.tasks = _check_list("tasks", grid["tasks"], str, where)
         self.methods = _check_list("methods", grid["methods"], str, where)
         self.seeds = _check_list("seeds", grid["seeds"], int, where)
@@ -168,12 +181,36 @@ class BenchmarkConfig:
 
         self.tasks = [get_task(t).name for t in self.tasks]
         for m in self.methods:
-            check_method(m)
+            self.check_method(m)
         if any(s < 0 for s in self.seeds):
             raise ConfigError(f"{where}: seeds must be non-negative integers, got {self.seeds}")
         self.run = merge_run(RUN_DEFAULTS, run_part, where)
         self.per_task = self._overrides(data.get("per_task") or {}, "per_task", where)
         self.per_method = self._overrides(data.get("per_method") or {}, "per_method", where)
+
+    def _variants(self, table: Any, where: str) -> dict[str, dict[str, Any]]:
+        """Named arms: ``{name: {method: <a method>, <settings>...}}``, e.g. a rule or signal of ``sadra``."""
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: variants must map names to {{method: ..., settings}}")
+        out = {}
+        for name, entry in table.items():
+            check_name(name, f"{where}: variant")
+            if name in METHODS:
+                raise ConfigError(f"{where}: variant {name!r} has the name of a method; choose another name")
+            if not isinstance(entry, Mapping) or "method" not in entry:
+                raise ConfigError(f"{where}: variant {name!r} needs 'method: <one of {', '.join(METHODS)}>'")
+            check_method(entry["method"])
+            settings = {k: v for k, v in entry.items() if k != "method"}
+            merge_run(RUN_DEFAULTS, settings, f"{where}: variant {name}")
+            out[name] = {"method": entry["method"], **settings}
+        return out
+
+    def check_method(self, method: str) -> str:
+        return method if method in self.variants else check_method(method)
+
+    def base_method(self, method: str) -> str:
+        """The method a grid column runs: a variant's own method, else the column's name."""
+        return self.variants[method]["method"] if method in self.variants else method
 
     def _overrides(self, table: Any, label: str, where: str) -> dict[str, dict[str, Any]]:
         if not isinstance(table, Mapping):
@@ -185,7 +222,7 @@ class BenchmarkConfig:
 
                 name = get_task(name).name
             else:
-                check_method(name)
+                self.check_method(name)
             merge_run(RUN_DEFAULTS, settings or {}, where, "")  # validate now, not mid-benchmark
             out[name] = settings or {}
         return out
@@ -204,7 +241,7 @@ class BenchmarkConfig:
 
                     values = [get_task(t).name for t in values]
                 elif keys[0] == "methods":
-                    values = [check_method(m) for m in values]
+                    values = [self.check_method(m) for m in values]
                 elif any(s < 0 for s in values):
                     raise ConfigError(f"override {text!r}: seeds must be non-negative integers")
                 setattr(self, keys[0], values)
@@ -220,13 +257,17 @@ class BenchmarkConfig:
                 self.run = merge_run(self.run, nest(keys, value), f"override {text!r}")
 
     def resolve(self, task: str, method: str) -> dict[str, Any]:
-        """The settings of one run: base <- per_task[task] <- per_method[method]."""
+        """The settings of one run: base <- per_task[task] <- per_method[method] <- the variant's own
+        settings <- what the method fixes (``sadra-seed`` is always Hutchinson)."""
         run = merge_run(self.run, self.per_task.get(task, {}), self.where)
-        return merge_run(run, self.per_method.get(method, {}), self.where)
+        run = merge_run(run, self.per_method.get(method, {}), self.where)
+        if method in self.variants:
+            run = merge_run(run, {k: v for k, v in self.variants[method].items() if k != "method"}, self.where)
+        return method_settings(self.base_method(method), run)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "tasks": self.tasks, "methods": self.methods, "seeds": self.seeds,
-                **self.run, "per_task": self.per_task, "per_method": self.per_method}
+                **self.run, "per_task": self.per_task, "per_method": self.per_method, "variants": self.variants}
 
 
 def _deep_set(d: dict, keys: list[str], value: Any) -> None:

@@ -25,6 +25,21 @@ def ensure_dir(path: str | Path, what: str = "output folder") -> Path:
     return p
 
 
+def check_output_file(path: str | Path, what: str = "output") -> Path:
+    """A file path that can be written: its folder exists or can be made, and it is not a folder.
+
+    Called before any work starts, so a bad ``--out`` costs nothing.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{what} path {str(p)!r} is a folder; give a file name, e.g. {str(p / 'out.json')!r}")
+    parent = p.parent if str(p.parent) else Path(".")
+    ensure_dir(parent, "output folder")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise OutputError(f"{what} file {str(p)!r} is not writable; choose another path")
+    return p
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, fsync, then rename over it.
 

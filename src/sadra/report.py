@@ -29,9 +29,20 @@ from .models import MODULE_TYPES, describe_module
 # Okabe-Ito: distinguishable with the common forms of colour blindness.
 PALETTE = {
     "full": "#000000", "lora": "#0072B2", "sadra": "#D55E00", "sadra-fisher": "#E69F00",
-    "adalora": "#009E73", "eva": "#CC79A7", "random": "#999999",
+    "adalora": "#009E73", "eva": "#CC79A7", "random": "#999999", "lora-ga": "#56B4E9", "sadra-seed": "#F0E442",
 }
-RANKED_METHODS = ("sadra", "sadra-fisher", "random", "eva", "adalora")
+
+
+def allocation_label(method: str, alloc: Mapping[str, Any]) -> str:
+    """A panel title from what the allocation file says produced it, not from the method's name."""
+    source = alloc.get("method")
+    if source == "adalora":
+        return f"{method}: AdaLoRA final ranks"
+    if source == "eva":
+        return f"{method}: EVA"
+    if alloc.get("rule") == "random" or alloc.get("estimator") == "random":
+        return f"{method}: random scores"
+    return f"{method}: {alloc.get('estimator') or '?'} signal, {alloc.get('rule') or 'proportional'} rule"
 TYPE_LABELS = {"q": "query", "k": "key", "v": "value", "o": "attn out", "ffn_in": "FFN in", "ffn_out": "FFN out",
                "qkv": "qkv"}
 
@@ -150,14 +161,10 @@ def _loss_curves(folder: Path, task: str, methods: list[str], seeds: dict[str, l
 def _rank_heatmaps(folder: Path, task: str, methods: list[str], seed: int, out: Path) -> Path | None:
     panels = []
     for method in methods:
-        if method not in RANKED_METHODS:
-            continue
         alloc = _load_json(folder / task / method / f"seed{seed}" / "allocation.json")
         if not alloc or not alloc.get("ranks"):
             continue
-        label = {"adalora": "AdaLoRA (final ranks)", "eva": "EVA", "random": "random control",
-                 "sadra": "SADRA (Hutchinson)", "sadra-fisher": "SADRA (Fisher)"}[method]
-        panels.append((label, alloc))
+        panels.append((allocation_label(method, alloc), alloc))
     if not panels:
         return None
     plt = _plt()
@@ -177,11 +184,14 @@ def _rank_heatmaps(folder: Path, task: str, methods: list[str], seed: int, out: 
     return out
 
 
-def _sensitivity(folder: Path, task: str, seed: int, out: Path) -> Path | None:
+def _sensitivity(folder: Path, task: str, methods: list[str], seed: int, out: Path) -> Path | None:
     panels = []
-    for method in ("sadra", "sadra-fisher"):
+    seen = set()
+    for method in methods:
         probe = _load_json(folder / task / method / f"seed{seed}" / "probe.json")
-        if probe and probe.get("scores"):
+        key = probe and (probe.get("estimator"), probe.get("mode"))
+        if probe and probe.get("scores") and key not in seen:  # one panel per signal
+            seen.add(key)
             panels.append(probe)
     if not panels:
         return None
@@ -285,6 +295,9 @@ def write_report(folder: str | Path) -> Path:
     if not folder.is_dir():
         raise DataError(f"benchmark folder {str(folder)!r} does not exist; pass the --out folder of 'sadra benchmark'")
     records = read_jsonl(folder / "results.jsonl")
+    from .results import check_records
+
+    check_records(records, str(folder / "results.jsonl"))  # before any figure is written
     if not records and not (folder / "benchmark_config.json").exists():
         raise DataError(f"{str(folder)!r} holds no results.jsonl or benchmark_config.json; pass the --out folder of 'sadra benchmark'")
     config = _load_json(folder / "benchmark_config.json") or {}
@@ -315,12 +328,12 @@ def write_report(folder: str | Path) -> Path:
             ranks = _rank_heatmaps(folder, task, methods, first_seed, folder / f"ranks_{task}.png")
             if ranks:
                 figures.append((f"{task}: rank distribution", ranks))
-            sens = _sensitivity(folder, task, first_seed, folder / f"sensitivity_{task}.png")
+            sens = _sensitivity(folder, task, methods, first_seed, folder / f"sensitivity_{task}.png")
             if sens:
                 figures.append((f"{task}: per-module sensitivity", sens))
     sections.append("## Results")
     sections.append("")
-    sections.append(results_table(records, methods))
+    sections.append(results_table(records, methods, read_jsonl(folder / "failures.jsonl")))
     missing = _missing(folder, records)
     sections.append("## Missing runs")
     sections.append("")

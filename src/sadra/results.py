@@ -1,4 +1,9 @@
-"""Tables from ``results.jsonl``: metric per task and method, and each method against LoRA."""
+"""Tables from ``results.jsonl``: each metric per task and method, and each method against LoRA.
+
+Differences to LoRA are paired by seed (the same seed gives both methods the same training rows,
+order and head initialisation): mean difference, its 95% confidence interval from the t
+distribution, and a paired t-test p-value, Holm-corrected across the methods compared on a task.
+"""
 
 from __future__ import annotations
 
@@ -10,114 +15,193 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import METHODS
+from .errors import DataError
 from .io import atomic_write_text
 
 REFERENCE = "lora"
+_REQUIRED = ("task", "method", "seed", "metrics")
 
 
-def _fmt(values: Sequence[float], scale: float = 100.0) -> str:
+def check_records(records: list[dict[str, Any]], source: str = "results.jsonl") -> None:
+    """DataError naming the first record that lacks what a table needs (before anything is written)."""
+    for i, r in enumerate(records, 1):
+        missing = [k for k in _REQUIRED if k not in r]
+        if missing or not isinstance(r.get("metrics"), dict):
+            what = f"no {missing[0]!r}" if missing else "'metrics' that is not an object"
+            raise DataError(f"{source} record {i} has {what}; it was not written by 'sadra benchmark' "
+                            "(remove the line or rerun the benchmark)")
+
+
+def paired_stats(a: dict[int, float], b: dict[int, float]) -> dict[str, float] | None:
+    """``a - b`` over the seeds both have: n, mean, s.d., 95% CI and the paired t-test p (None if no seed)."""
+    from scipy import stats
+
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diff = np.array([a[s] - b[s] for s in seeds], dtype=float)
+    n, mean = len(diff), float(diff.mean())
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
+                "p": float("nan")}
+    sd = float(diff.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    p = (1.0 if mean == 0 else 0.0) if sd == 0 else float(stats.ttest_1samp(diff, 0.0).pvalue)
+    return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half, "p": p}
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (NaN stays NaN and is not counted)."""
+    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    order = sorted(idx, key=lambda i: pvalues[i])
+    out = [float("nan")] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def _fmt(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
     if not values:
         return "—"
     arr = np.asarray(values, dtype=float) * scale
     if len(arr) == 1:
-        return f"{arr[0]:.2f} (n=1)"
-    return f"{arr.mean():.2f} ± {arr.std(ddof=1):.2f} (n={len(arr)})"
+        return f"{arr[0]:.{digits}f} (n=1)"
+    return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1):.{digits}f} (n={len(arr)})"
 
 
-def _paired(records_by_seed_a: dict[int, float], records_by_seed_b: dict[int, float]) -> str:
-    seeds = sorted(set(records_by_seed_a) & set(records_by_seed_b))
-    if not seeds:
-        return "—"
-    diff = np.array([records_by_seed_a[s] - records_by_seed_b[s] for s in seeds]) * 100
-    if len(diff) == 1:
-        return f"{diff[0]:+.2f} (n=1, p n/a)"
-    sd = diff.std(ddof=1)
-    if sd == 0:
-        p = 1.0 if diff.mean() == 0 else 0.0
-    else:
-        from scipy.stats import ttest_rel
-
-        a = np.array([records_by_seed_a[s] for s in seeds])
-        b = np.array([records_by_seed_b[s] for s in seeds])
-        p = float(ttest_rel(a, b).pvalue)
-    return f"{diff.mean():+.2f} ± {sd:.2f} (n={len(diff)}, p={p:.3g})"
-
-
-def results_table(records: list[dict[str, Any]], methods: Sequence[str] | None = None) -> str:
-    """Markdown: per task its main metric (x100, mean ± std over seeds), parameters, paired diffs."""
-    from .data import get_task
-
+def _cells(records):
     by_cell: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in records:
         by_cell[(r["task"], r["method"])][int(r["seed"])] = r  # a later line for the same cell wins
-    tasks = list(dict.fromkeys(r["task"] for r in records))
-    present = {m for _, m in by_cell}
-    methods = [m for m in (methods or METHODS) if m in present] + sorted(present - set(methods or METHODS))
+    return by_cell
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def results_table(records: list[dict[str, Any]], methods: Sequence[str] | None = None,
+                  failures: Sequence[dict[str, Any]] = ()) -> str:
+    """Markdown: metrics (x100) and dev cross-entropy per task and method, parameters, paired differences, costs."""
+    check_records(records)
     if not records:
-        return "No finished runs yet.\n"
-    lines = ["| task | metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
-    for task in tasks:
-        spec = get_task(task)
-        for metric in spec.metrics:
-            cells = []
-            for m in methods:
-                vals = [rec["metrics"].get(metric) for rec in by_cell.get((task, m), {}).values()]
-                vals = [v for v in vals if v is not None and not math.isnan(v)]
-                flag = any(rec.get("at_majority_class") for rec in by_cell.get((task, m), {}).values())
-                cells.append(_fmt(vals) + (" ⚠ majority" if flag and metric == spec.main_metric else ""))
-            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Trainable parameters (adapter + head; mean over runs):")
-    lines.append("")
-    lines.append("| task | " + " | ".join(methods) + " |")
-    lines.append("|---|" + "---|" * len(methods))
-    for task in tasks:
-        cells = []
-        for m in methods:
-            recs = list(by_cell.get((task, m), {}).values())
-            if recs:
-                a = int(np.mean([r["adapter_params"] for r in recs]))
-                h = int(np.mean([r["head_params"] for r in recs]))
-                cells.append(f"{a:,} + {h:,}")
-            else:
-                cells.append("—")
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    if REFERENCE in methods:
-        lines.append("")
-        lines.append(f"Each method minus `{REFERENCE}` on the main metric (x100): mean per-seed paired difference ± std, paired t-test p:")
-        lines.append("")
-        others = [m for m in methods if m != REFERENCE]
-        lines.append("| task | " + " | ".join(others) + " |")
-        lines.append("|---|" + "---|" * len(others))
-        for task in tasks:
-            main = get_task(task).main_metric
-            ref = {s: r["metrics"][main] for s, r in by_cell.get((task, REFERENCE), {}).items()}
-            cells = [_paired({s: r["metrics"][main] for s, r in by_cell.get((task, m), {}).items()}, ref) for m in others]
-            lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    costs = []
-    for task in tasks:
-        for m in methods:
-            recs = list(by_cell.get((task, m), {}).values())
-            if recs:
-                costs.append((task, m, np.mean([r["calibration_seconds"] for r in recs]),
-                              np.mean([r["train_seconds"] for r in recs]), np.mean([r["examples_per_second"] for r in recs]),
-                              np.mean([r["peak_memory_mb"] for r in recs])))
-    lines.append("")
-    lines.append("Cost per run (mean): calibration s, training s, training examples/s, peak memory MB:")
-    lines.append("")
-    lines.append("| task | method | calibration s | train s | examples/s | peak MB |")
-    lines.append("|---|---|---|---|---|---|")
-    for task, m, c, t, e, p in costs:
-        lines.append(f"| {task} | {m} | {c:.1f} | {t:.1f} | {e:.1f} | {p:.0f} |")
+        return "No finished runs yet.\n" + _failed_section(failures)
+    by_cell = _cells(records)
+    present = {m for _, m in by_cell}
+    order = list(methods or METHODS)
+    methods = [m for m in order if m in present] + sorted(present - set(order))
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    lines = _metric_rows(by_cell, tasks, methods)
+    lines += ["", "Trainable parameters (adapter + head; mean over runs):", ""]
+    lines += _table(["task"] + methods, [[t] + [_params(by_cell.get((t, m), {})) for m in methods] for t in tasks])
+    if REFERENCE in methods and len(methods) > 1:
+        lines += _paired_section(by_cell, tasks, methods)
+    lines += _cost_section(by_cell, tasks, methods)
     flagged = [f"{r['task']}/{r['method']}/seed{r['seed']}" for r in records if r.get("at_majority_class")]
     if flagged:
-        lines.append("")
-        lines.append("⚠ ended at the majority-class score (the model predicts one class): " + ", ".join(flagged))
+        lines += ["", "⚠ ended at the majority-class score (the model predicts one class): " + ", ".join(flagged)]
+    return "\n".join(lines) + "\n" + _failed_section(failures, records)
+
+
+def _metric_rows(by_cell, tasks, methods) -> list[str]:
+    from .data import get_task
+
+    rows = []
+    for task in tasks:
+        spec = get_task(task) if task != "causal-lm" else None
+        names = list(spec.metrics) if spec else ["perplexity"]
+        for metric in names + ["loss"]:
+            cells = []
+            for m in methods:
+                recs = by_cell.get((task, m), {}).values()
+                vals = [rec["metrics"].get(metric) for rec in recs]
+                vals = [v for v in vals if v is not None and not math.isnan(v)]
+                flag = metric == names[0] and any(rec.get("at_majority_class") for rec in recs)
+                scale = 1.0 if metric in ("loss", "perplexity") else 100.0
+                cells.append(_fmt(vals, scale, 3 if metric == "loss" else 2) + (" ⚠ majority" if flag else ""))
+            split = next((r.get("eval_split", "validation") for m in methods for r in by_cell.get((task, m), {}).values()),
+                         "validation")
+            label = "cross-entropy" if metric == "loss" else metric
+            rows.append([task, f"{label} ({split})"] + cells)
+    return _table(["task", "metric"] + methods, rows)
+
+
+def _params(recs: dict[int, dict[str, Any]]) -> str:
+    recs = [r for r in recs.values() if "adapter_params" in r]
+    if not recs:
+        return "—"
+    a = int(np.mean([r["adapter_params"] for r in recs]))
+    h = int(np.mean([r.get("head_params", 0) for r in recs]))
+    return f"{a:,} + {h:,}"
+
+
+def _paired_section(by_cell, tasks, methods) -> list[str]:
+    from .data import get_task
+
+    others = [m for m in methods if m != REFERENCE]
+    lines = ["", f"Each method minus `{REFERENCE}`, paired by seed: mean difference [95% CI] (x100 for the main metric; "
+             "cross-entropy as is), Holm-corrected paired t-test p across the methods of a task:", ""]
+    rows = []
+    for task in tasks:
+        main = get_task(task).main_metric if task != "causal-lm" else "perplexity"
+        for metric, scale in ((main, 100.0), ("loss", 1.0)):
+            ref = {s: r["metrics"].get(metric) for s, r in by_cell.get((task, REFERENCE), {}).items()}
+            found = [paired_stats({s: r["metrics"].get(metric) for s, r in by_cell.get((task, m), {}).items()
+                                   if r["metrics"].get(metric) is not None},
+                                  {s: v for s, v in ref.items() if v is not None}) for m in others]
+            adjusted = holm([f["p"] if f else float("nan") for f in found])
+            cells = [_paired_cell(f, p, scale) for f, p in zip(found, adjusted)]
+            rows.append([task, "cross-entropy" if metric == "loss" else metric] + cells)
+    return lines + _table(["task", "metric"] + others, rows)
+
+
+def _paired_cell(stat: dict[str, float] | None, p_holm: float, scale: float) -> str:
+    if stat is None:
+        return "—"
+    digits = 2 if scale == 100.0 else 3
+    mean = stat["mean"] * scale
+    if stat["n"] < 2:
+        return f"{mean:+.{digits}f} (n=1)"
+    low, high = stat["ci_low"] * scale, stat["ci_high"] * scale
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] p={p_holm:.2g} (n={stat['n']})"
+
+
+def _cost_section(by_cell, tasks, methods) -> list[str]:
+    rows = []
+    for task in tasks:
+        for m in methods:
+            recs = list(by_cell.get((task, m), {}).values())
+            if not recs:
+                continue
+            cols = []
+            for key, fmt in (("calibration_seconds", "{:.1f}"), ("train_seconds", "{:.1f}"),
+                             ("examples_per_second", "{:.1f}"), ("peak_memory_mb", "{:.0f}")):
+                vals = [r[key] for r in recs if isinstance(r.get(key), (int, float))]
+                cols.append(fmt.format(np.mean(vals)) if vals else "—")
+            rows.append([task, m] + cols)
+    return ["", "Cost per run (mean): calibration s, training s, training examples/s, peak memory MB:", ""] + \
+        _table(["task", "method", "calibration s", "train s", "examples/s", "peak MB"], rows)
+
+
+def _failed_section(failures: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]] = ()) -> str:
+    finished = {(r.get("task"), r.get("method"), r.get("seed")) for r in records}
+    latest: dict[tuple, dict[str, Any]] = {}
+    for f in failures:
+        key = (f.get("task"), f.get("method"), f.get("seed"))
+        if key not in finished:
+            latest[key] = f
+    if not latest:
+        return ""
+    lines = ["", "## Failed cells", "", "Not in the tables above; rerun the benchmark to retry each once.", ""]
+    lines += [f"- {t}/{m}/seed{s}: {f.get('reason', 'failed')}" for (t, m, s), f in latest.items()]
     return "\n".join(lines) + "\n"
 
 
-def write_results(records: list[dict[str, Any]], out: str | Path, methods: Sequence[str] | None = None) -> str:
-    table = results_table(records, methods)
-    header = "# Results\n\nMain metric ×100 on the validation split; mean ± std over seeds (n seeds).\n\n"
+def write_results(records: list[dict[str, Any]], out: str | Path, methods: Sequence[str] | None = None,
+                  failures: Sequence[dict[str, Any]] = ()) -> str:
+    table = results_table(records, methods, failures)
+    header = "# Results\n\nMain metric ×100 on each record's evaluation split; mean ± s.d. over seeds (n seeds).\n\n"
     atomic_write_text(Path(out) / "results.md", header + table)
     return table

@@ -138,7 +138,7 @@ class EvaSettings:
 class RunSettings:
     """The settings of one run: ``sadra train``, one benchmark cell."""
 
-    model: str = setting("minilm", "'minilm' (offline default), 'smollm2', a local folder or a hub id")
+    model: str = setting("minilm", "'minilm' (offline default), a local folder or a hub id")
     glue_dir: str | None = setting(None, "local GLUE folder (default: $SADRA_GLUE_DIR, else the hub)", optional=str)
     trust_remote_code: bool = setting(False, "run code shipped with a hub model (off unless asked)")
     max_length: int = setting(128, "token length of training and evaluation rows", check="positive")
