@@ -19,16 +19,16 @@ def git_commit() -> str | None:
 
 def mem_mb(key: str) -> float:
     """``VmRSS`` (now) or ``VmHWM`` (peak since the last ``reset_peak``) of this process, in MB."""
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
+    from sadra.memory import current_rss_mb, peak_memory_mb
+
+    return current_rss_mb() if key == "VmRSS" else peak_memory_mb()
 
 
 def reset_peak() -> None:
-    # ru_maxrss would also count the parent's memory at fork time; VmHWM restarts here.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    # The run records use the same measure (sadra.memory): VmHWM, restarted here.
+    from sadra.memory import reset_peak_memory
+
+    reset_peak_memory()
 
 
 def child_env() -> dict[str, str]:

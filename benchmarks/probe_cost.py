@@ -5,7 +5,7 @@
 Figures (ratios of times or memory measured in this run, on the same batch):
 
 * hvp_over_grad              one Hutchinson probe (joint mode: one HvP giving every module a sample) as
-                             the library runs it by default (default_probes_per_batch probes share a
+                             the library runs it by default (the joint signal's rounds_per_batch probes share a
                              batch's first-order graph, its cost split among them) over one plain
                              gradient of the same loss w.r.t. the target weights
 * hvp_over_grad_unshared     the same with one probe per graph (graph + one HvP)
@@ -58,8 +58,7 @@ def median_seconds(fn, repeats: int) -> float:
 def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repeats: int, probes_per_batch: int) -> dict:
     from sadra.data import calibration_batches, load_glue
     from sadra.models import find_targets, load_model
-    from sadra.probe import (_first_order, _fisher_logits, _fisher_round, _hutchinson_round,
-                             _probe_state, default_probes_per_batch, hf_logits, hf_loss)
+    from sadra.probe import Calls, hf_logits, hf_loss, make_signal, probe_state
 
     model, tokenizer = load_model("minilm", 2, seed=0)
     rows = load_glue(task, "train", glue_dir)
@@ -67,20 +66,23 @@ def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repea
     names = find_targets(model)
     params = [model.get_submodule(n).weight for n in names]
     gen = torch.Generator().manual_seed(0)
-    shared_hvp = default_probes_per_batch("hutchinson", "joint")
+    calls = Calls(hf_loss, hf_logits)
+    joint_signal, per_module_signal = make_signal("hutchinson", mode="joint"), make_signal("hutchinson")
+    fisher_signal = make_signal("fisher")
+    shared_hvp = joint_signal.rounds_per_batch
     out = {"batch_size": batch_size, "tokens": int(batch["input_ids"].shape[1]), "modules": len(names),
            "hutchinson_probes_per_graph": shared_hvp, "fisher_probes_per_forward": probes_per_batch}
-    with _probe_state(model, params):
+    with probe_state(model, params):
         def grad():
             torch.autograd.grad(hf_loss(model, batch), params)
 
         def joint(k):
-            g = _first_order(model, batch, params, hf_loss, 0)
+            g = joint_signal.prepare(model, batch, params, calls, 0, first_visit=True)
             for i in range(k):
-                _hutchinson_round(g, params, gen, "joint", retain=i + 1 < k)
+                joint_signal.sample(g, batch, params, gen, retain=i + 1 < k)
 
         def joint_vmap(k):  # alternative: k probes batched into one vmapped backward
-            g = _first_order(model, batch, params, hf_loss, 0)
+            g = joint_signal.prepare(model, batch, params, calls, 0, first_visit=True)
             vs = [torch.randint(0, 2, (k, *p.shape), generator=gen).to(p.dtype).mul_(2).sub_(1) for p in params]
             hvs = torch.autograd.grad(g, params, grad_outputs=vs, is_grads_batched=True)
             return [(v * hv).sum() for v, hv in zip(vs, hvs)]
@@ -98,13 +100,13 @@ def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repea
             return [torch.dot(v.reshape(-1), hv.reshape(-1)) for v, hv in zip(vs, hvs)]
 
         def per_module():
-            g = _first_order(model, batch, params, hf_loss, 0)
-            _hutchinson_round(g, params, gen, "per_module", retain=False)
+            g = per_module_signal.prepare(model, batch, params, calls, 0, first_visit=True)
+            per_module_signal.sample(g, batch, params, gen, retain=False)
 
         def fisher(k):
-            logits = _fisher_logits(model, batch, hf_logits, 0)
+            logits = fisher_signal.prepare(model, batch, params, calls, 0, first_visit=True)
             for i in range(k):
-                _fisher_round(logits, batch, params, gen, retain=i + 1 < k)
+                fisher_signal.sample(logits, batch, params, gen, retain=i + 1 < k)
 
         t_grad = median_seconds(grad, repeats)
         out["grad_seconds"] = t_grad

@@ -37,6 +37,7 @@ from measure import mem_mb, reset_peak
 from peft import get_peft_model
 from sadra.adapt import (adalora_config, allocated_lora_config, eva_model, uniform_lora_config)
 from sadra.allocate import allocate_ranks, uniform_budget
+from sadra.config import RUN_DEFAULTS
 from sadra.data import calibration_batches, load_glue
 from sadra.models import find_targets, head_module_names, load_model, target_shapes
 from sadra.probe import estimate_sensitivity
@@ -58,7 +59,7 @@ elif method == "adalora":
     model = get_peft_model(model, adalora_config(targets, total_step=steps, settings=settings, dropout=0.1, modules_to_save=heads, task_type="SEQ_CLS"))
 elif method == "eva":
     start = time.perf_counter()
-    model = eva_model(model, targets, batches, r=8, alpha=16, dropout=0.1, settings=dict(rho=2.0, tau=0.99, whiten=False, adjust_scaling_factors=True), modules_to_save=heads, task_type="SEQ_CLS")
+    model = eva_model(model, targets, batches, r=8, alpha=16, dropout=0.1, settings=RUN_DEFAULTS["eva"], modules_to_save=heads, task_type="SEQ_CLS")
     setup_seconds = time.perf_counter() - start
 model.train()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

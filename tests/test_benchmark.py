@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from sadra.config import METHODS
+from sadra.config import load_benchmark_config
 
+METHODS = load_benchmark_config("smoke").methods
 CELLS = {(t, m) for t in ("sst2", "mrpc", "qnli") for m in METHODS}
 
 
@@ -25,17 +26,20 @@ def test_records_carry_metrics_costs_and_provenance(smoke_out):
     records = {(r["task"], r["method"]): r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     needed = {"task", "method", "seed", "metrics", "adapter_params", "head_params", "trainable_params", "trainable_percent",
               "calibration_seconds", "train_seconds", "examples_per_second", "peak_memory_mb", "train_samples",
-              "eval_samples", "preset", "sadra_version", "git_commit"}
+              "eval_samples", "preset", "sadra_version", "git_commit", "settings_hash", "eval_split",
+              "torch_version", "transformers_version", "peft_version"}
     for key, r in records.items():
         assert needed <= set(r), (key, needed - set(r))
         assert r["preset"] == "smoke" and r["train_samples"] == 64
+        assert r["git_commit"] and r["eval_split"] == "validation"
         assert r["head_params"] == 384 * 2 + 2
     assert set(records[("mrpc", "lora")]["metrics"]) == {"f1", "accuracy", "loss"}
     assert set(records[("sst2", "lora")]["metrics"]) == {"accuracy", "loss"}
     for task in ("sst2", "mrpc", "qnli"):
         lora = records[(task, "lora")]["adapter_params"]
         assert lora == 331_776
-        for m in ("sadra", "sadra-fisher", "random"):
+        assert records[(task, "lora-ga")]["adapter_params"] == lora
+        for m in ("sadra", "sadra-seed", "random"):
             # Exactly LoRA's budget, less a leftover smaller than the cheapest rank step (768).
             assert lora - 768 < records[(task, m)]["adapter_params"] <= lora
         assert records[(task, "full")]["trainable_percent"] == pytest.approx(100.0)
@@ -44,7 +48,7 @@ def test_records_carry_metrics_costs_and_provenance(smoke_out):
 
 def test_run_folders_hold_config_probe_allocation_log_and_safetensors(smoke_out):
     out, _, _ = smoke_out
-    for method in ("sadra", "sadra-fisher"):
+    for method in ("sadra", "sadra-seed"):
         folder = out / "mrpc" / method / "seed0"
         for name in ("config.yaml", "probe.json", "allocation.json", "train_log.jsonl", "metrics.json"):
             assert (folder / name).is_file(), (method, name)
@@ -62,6 +66,9 @@ def test_eva_and_adalora_ranks_differ_from_uniform(smoke_out):
     for task in ("sst2", "mrpc", "qnli"):
         eva = json.loads((out / task / "eva" / "seed0" / "allocation.json").read_text())["ranks"]
         assert len(eva) == 36 and set(eva.values()) != {8} and max(eva.values()) <= 16
+        record = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()
+                  if json.loads(line)["task"] == task and json.loads(line)["method"] == "eva"][0]
+        assert 0 < record["eva_passes"] <= 20 and record["eva_layers_capped"] >= 0  # bounded: the cap is 20 passes
         ada = json.loads((out / task / "adalora" / "seed0" / "allocation.json").read_text())["ranks"]
         assert len(ada) == 36 and set(ada.values()) != {12}
 
@@ -71,4 +78,4 @@ def test_results_md_has_table_params_and_paired_differences(smoke_out):
     text = (out / "results.md").read_text()
     for method in METHODS:
         assert method in text
-    assert "| mrpc | f1 |" in text and "Trainable parameters" in text and "minus `lora`" in text
+    assert "| mrpc | f1 (validation) |" in text and "Trainable parameters" in text and "minus `lora`" in text

@@ -52,7 +52,7 @@ def test_allocate_prints_table_and_writes_json(probe_json, tmp_path):
     (["probe", "--task", "sst3", "--out", "{tmp}/p.json"], ["unknown GLUE task", "sst2"]),
     (["probe", "--task", "sst2", "--model", "/nonexistent/model", "--out", "{tmp}/p.json"], ["does not exist"]),
     (["probe", "--task", "sst2", "--estimator", "kfac", "--max-probes", "1", "--num-batches", "1", "--batch-size", "2",
-      "--out", "{tmp}/p.json"], ["unknown estimator", "fisher"]),
+      "--out", "{tmp}/p.json"], ["probe.estimator must be one of", "gradient"]),
     (["probe", "--task", "sst2", "--glue-dir", "{tmp}/no-glue", "--out", "{tmp}/p.json"], ["GLUE folder", "--glue-dir"]),
     (["probe", "--task", "sst2", "--max-probes", "0", "--out", "{tmp}/p.json"], ["must be positive"]),
     (["allocate", "{probe}", "--min-rank", "32", "--max-rank", "40"], ["budget", "min_rank"]),

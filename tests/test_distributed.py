@@ -74,3 +74,18 @@ def test_sadra_train_under_accelerate_launch(tmp_path, glue_dir):
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((out / "metrics.json").read_text())
     assert record["optimizer_steps"] == 8 and (out / "allocation.json").is_file()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["raise", "hang"])
+def test_one_process_failing_ends_the_others_with_the_error(how):
+    """Nothing waits in a collective for ever: a failing peer ends the job, a hanging one times out."""
+    import time
+
+    started = time.time()
+    proc = torchrun(HERE / "ddp_fail_script.py", how, env={"SADRA_DIST_TIMEOUT": "20"}, timeout=240)
+    assert proc.returncode != 0
+    assert "collective finished" not in proc.stdout
+    if how == "raise":
+        assert "rank 1 cannot read its calibration rows" in proc.stderr
+    assert time.time() - started < 200

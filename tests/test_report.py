@@ -30,7 +30,7 @@ def test_benchmark_writes_every_figure_and_a_report_that_embeds_them(smoke_out):
     linked = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report))
     assert set(expected) <= linked
     assert "None: every cell of the grid has a result." in report
-    assert "| mrpc | f1 |" in report
+    assert "| mrpc | f1 (validation) |" in report
 
 
 def test_report_on_partial_output_says_what_is_missing(smoke_out, tmp_path):

@@ -90,7 +90,7 @@ def test_stsb_and_mnli_specs_parse_their_layouts():
     assert [s for s, _ in get_task("mnli").eval_splits] == ["validation_matched", "validation_mismatched"]
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "sadra", "sadra-fisher", "adalora", "eva", "random"])
+@pytest.mark.parametrize("method", ["full", "lora", "lora-ga", "sadra", "sadra-seed", "adalora", "eva", "random"])
 def test_gradient_checkpointing_works_with_every_method(method, tmp_path, glue_dir):
     settings = {"glue_dir": str(glue_dir), "max_train_samples": 16, "max_eval_samples": 8, "max_length": 24,
                 "train": {"epochs": 1.0, "batch_size": 8, "grad_accum": 1, "eval_batch_size": 4, "threads": 2,

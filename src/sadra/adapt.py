@@ -12,6 +12,8 @@ from .allocate import RankAllocation, allocate_ranks, uniform_budget
 from .errors import ModelError
 from .models import head_module_names
 
+INITIAL_ADAPTER = "adapter_init"  # a gradient-initialised adapter before training (removed at the end)
+
 
 def count_parameters(model: nn.Module) -> dict[str, Any]:
     """Adapter, head and total trainable parameters, counted from ``requires_grad``.
@@ -234,8 +236,6 @@ def _gradient_initialised(ctx, model: nn.Module, config):
     peft_model = get_peft_model(model, config)
     if is_main_process():
         # The initial adapter, saved as plain LoRA, lets the final one be converted for the unchanged base.
-        from .train import INITIAL_ADAPTER
-
         peft_model.peft_config["default"].init_lora_weights = True
         peft_model.save_pretrained(str(ctx.out / INITIAL_ADAPTER), safe_serialization=True)
         peft_model.peft_config["default"].init_lora_weights = "lora_ga"

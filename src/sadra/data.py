@@ -121,9 +121,11 @@ def parse_glue_tsv(data: bytes | str, spec: TaskSpec, source: str = "<tsv>") -> 
         if not line.strip():
             continue
         fields = line.split("\t")
-        if len(fields) < need:
+        if len(fields) != width and (spec.header or len(fields) < need):
+            # An extra tab would shift a text into the next column: refuse rather than misread.
             raise DataError(
-                f"{source} line {lineno} has {len(fields)} fields, expected {width}; the file is truncated or not tab-separated"
+                f"{source} line {lineno} has {len(fields)} fields, expected {width}; a field holds a tab, "
+                "or the file is truncated or not tab-separated (use the original GLUE files)"
             )
         label = _parse_label(fields[label_idx], spec, source, lineno)
         texts = [fields[i] for i in text_idx]
@@ -293,15 +295,3 @@ def calibration_batches(
         batch["labels"] = torch.tensor([e.label for e in chunk], dtype=dtype)
         batches.append(batch)
     return batches
-
-
-def majority_score(task: str | TaskSpec, labels: Sequence[Any]) -> dict[str, float] | None:
-    """The metrics of always predicting the most frequent label (None for regression)."""
-    from .metrics import glue_metrics
-
-    spec = task if isinstance(task, TaskSpec) else get_task(task)
-    if spec.is_regression or not len(labels):
-        return None
-    values, counts = np.unique(np.asarray(labels), return_counts=True)
-    majority = values[np.argmax(counts)]
-    return glue_metrics(spec, np.full(len(labels), majority), np.asarray(labels))

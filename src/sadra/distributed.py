@@ -33,11 +33,29 @@ def maybe_init_distributed() -> bool:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        from datetime import timedelta
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=collective_timeout()))
     return True
+
+
+def collective_timeout() -> int:
+    """Seconds a process waits in one collective before it fails (``SADRA_DIST_TIMEOUT``, default 1800).
+
+    A process that fails exits, and torchrun then ends the others; this bound covers a peer that
+    hangs instead, so no process waits in a collective for ever.
+    """
+    raw = os.environ.get("SADRA_DIST_TIMEOUT", "1800")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SadraError(f"SADRA_DIST_TIMEOUT={raw!r} is not a whole number of seconds; e.g. SADRA_DIST_TIMEOUT=600") from None
+    if value < 1:
+        raise SadraError(f"SADRA_DIST_TIMEOUT must be at least 1 second, got {value}")
+    return value
 
 
 def is_main_process() -> bool:

@@ -6,7 +6,7 @@ Names and definitions follow the ``evaluate`` library's ``glue`` metric: ``accur
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -44,3 +44,15 @@ def predictions_from_logits(task: Any, logits: np.ndarray) -> np.ndarray:
     if isinstance(logits, tuple):
         logits = logits[0]
     return logits.reshape(-1) if spec.is_regression else logits.argmax(-1)
+
+
+def majority_score(task: str | TaskSpec, labels: Sequence[Any]) -> dict[str, float] | None:
+    """The metrics of always predicting the most frequent label (None for regression)."""
+    from .data import TaskSpec, get_task
+
+    spec = task if isinstance(task, TaskSpec) else get_task(task)
+    if spec.is_regression or not len(labels):
+        return None
+    values, counts = np.unique(np.asarray(labels), return_counts=True)
+    majority = values[np.argmax(counts)]
+    return glue_metrics(spec, np.full(len(labels), majority), np.asarray(labels))

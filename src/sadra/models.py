@@ -92,12 +92,32 @@ def load_model(
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    check_tokenizer(tokenizer, name_or_path)
     if tokenizer.pad_token is None:
         # Decoder models often ship without a pad token; padding positions are masked anyway.
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+# Fewer entries than this is no real vocabulary: transformers builds one of a handful of special
+# tokens when a model folder has no tokenizer files, and every word then becomes the unknown token.
+MIN_VOCAB = 100
+PROBE_SENTENCE = "The film was a quiet, thoughtful and beautifully acted story about two brothers."
+
+
+def check_tokenizer(tokenizer, name: str) -> None:
+    """ModelError unless the tokenizer has a plausible vocabulary that knows ordinary English words."""
+    size = len(tokenizer)
+    if size < MIN_VOCAB:
+        raise ModelError(f"the tokenizer of {name!r} has only {size} tokens: the folder lacks its tokenizer files "
+                         "(tokenizer.json, vocab.txt, ...); copy them next to the weights")
+    unk = tokenizer.unk_token_id
+    ids = tokenizer(PROBE_SENTENCE, add_special_tokens=False)["input_ids"]
+    if unk is not None and ids and all(i == unk for i in ids):
+        raise ModelError(f"the tokenizer of {name!r} maps an ordinary English sentence to unknown tokens only; "
+                         "give the model folder its own tokenizer files")
 
 
 def load_probe_model(name_or_path: str = DEFAULT_MODEL, num_labels: int = 2, **kwargs):

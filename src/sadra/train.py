@@ -33,17 +33,16 @@ import yaml
 from . import __version__
 from .allocate import uniform_budget
 from .config import RUN_DEFAULTS, check_method, merge_run, method_settings
-from .data import calibration_batches, get_task, load_glue, majority_score, split_selection, subsample, tokenize
+from .data import calibration_batches, get_task, load_glue, split_selection, subsample, tokenize
 from .errors import CurvatureError
 from .io import atomic_write_text, ensure_dir, write_json
-from .metrics import glue_metrics, predictions_from_logits
+from .metrics import glue_metrics, majority_score, predictions_from_logits
 from .distributed import (check_same_across_processes, is_main_process, local_device, maybe_init_distributed,
                           world_size_from_env)
 from .memory import peak_memory_mb, reset_peak_memory
 from .models import find_targets, head_module_names, load_model, target_shapes
 
 PEFT_TASK_TYPE = "SEQ_CLS"
-INITIAL_ADAPTER = "adapter_init"  # a gradient-initialised adapter before training (removed at the end)
 
 
 def _callbacks():
@@ -399,6 +398,8 @@ def _save_weights(model, out: Path, method: str) -> None:
     target = out / ("model" if method == "full" else "adapter")
     if target.exists():
         shutil.rmtree(target)
+    from .adapt import INITIAL_ADAPTER
+
     initial = out / INITIAL_ADAPTER
     if initial.exists():
         model.save_pretrained(str(target), safe_serialization=True,

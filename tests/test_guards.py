@@ -1,0 +1,153 @@
+"""Nothing hangs and nothing is silently wrong: cell time limits, settings guards, bad tokenizers,
+malformed rows, reports on odd records, output paths checked before work."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli
+
+TINY = ["max_train_samples=32", "max_eval_samples=16", "max_length=24", "train.epochs=1", "train.batch_size=8",
+        "train.threads=2", "probe.max_probes=2", "probe.batch_size=4", "probe.num_batches=2",
+        "probe.head_warmup_steps=1"]
+
+
+def bench(out, glue_dir, *extra, methods=("lora", "random")):
+    return run_cli("benchmark", "--preset", "smoke", "--tasks", "mrpc", "--methods", *methods, "--out", out, "--quiet",
+                   *TINY, *extra, env={"SADRA_GLUE_DIR": str(glue_dir)}, timeout=900)
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.timeout(1200)
+def test_a_cell_past_its_time_limit_is_killed_recorded_and_retried_once(tmp_path, glue_dir):
+    out = tmp_path / "b"
+    first = bench(out, glue_dir, "per_method.lora.cell_timeout=5")
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "1 cell(s) failed: mrpc/lora/seed0" in first.stderr
+    failures, results = lines(out / "failures.jsonl"), lines(out / "results.jsonl")
+    assert [(f["method"], f["cell_timeout"]) for f in failures] == [("lora", 5)]
+    assert "cell_timeout" in failures[0]["reason"]
+    assert [r["method"] for r in results] == ["random"]  # the grid went on past the killed cell
+    text = (out / "results.md").read_text()
+    assert "## Failed cells" in text and "mrpc/lora/seed0: killed after its 5 s limit" in text
+    # --no-retry-failed leaves it; a plain rerun retries it once; after two failures it is left alone.
+    assert bench(out, glue_dir, "per_method.lora.cell_timeout=5", "--no-retry-failed").returncode == 1
+    assert len(lines(out / "failures.jsonl")) == 1
+    assert bench(out, glue_dir, "per_method.lora.cell_timeout=5").returncode == 1
+    assert len(lines(out / "failures.jsonl")) == 2
+    assert bench(out, glue_dir, "per_method.lora.cell_timeout=5").returncode == 1
+    assert len(lines(out / "failures.jsonl")) == 2
+    keys = lambda rows: {(r["task"], r["method"], r["seed"]) for r in rows}  # noqa: E731
+    assert not keys(lines(out / "failures.jsonl")) & keys(lines(out / "results.jsonl"))
+
+
+@pytest.mark.timeout(1200)
+def test_rerun_with_other_settings_refuses_unless_a_new_series(tmp_path, glue_dir):
+    out = tmp_path / "b"
+    assert bench(out, glue_dir, methods=("lora",)).returncode == 0
+    config_before = (out / "benchmark_config.json").read_text()
+    results_before = (out / "results.jsonl").read_text()
+    proc = bench(out, glue_dir, "train.epochs=2", methods=("lora",))
+    assert_one_line_error(proc, "mrpc/lora/seed0", "other settings", "train.epochs was 1.0, now 2.0", "--series")
+    assert (out / "benchmark_config.json").read_text() == config_before
+    assert (out / "results.jsonl").read_text() == results_before
+    # The same settings plus a new seed is the same series: allowed. A new series goes in its own folder.
+    series = bench(out, glue_dir, "train.epochs=2", "--series", "two-epochs", methods=("lora",))
+    assert series.returncode == 0, series.stderr[-3000:]
+    assert lines(out / "two-epochs" / "results.jsonl")[0]["epochs"] == 2.0
+    assert lines(out / "results.jsonl")[0]["settings_hash"] != lines(out / "two-epochs" / "results.jsonl")[0]["settings_hash"]
+
+
+def test_model_folder_without_tokenizer_files_is_refused(tmp_path, minilm):
+    from sadra.errors import ModelError
+    from sadra.models import load_model
+
+    model, _ = minilm
+    folder = tmp_path / "weights-only"
+    model.save_pretrained(folder)
+    with pytest.raises(ModelError, match="tokenizer"):
+        load_model(str(folder), 2)
+
+
+def test_mrpc_row_with_an_extra_tab_names_the_file_and_line(tmp_path, glue_dir):
+    from sadra.data import load_glue
+    from sadra.errors import DataError
+
+    folder = tmp_path / "MRPC"
+    folder.mkdir()
+    rows = (glue_dir / "MRPC" / "train.tsv").read_text(encoding="utf-8-sig").splitlines()
+    q, id1, id2, s1, s2 = rows[3].split("\t")
+    rows[3] = "\t".join([q, id1, id2, s1[:20], s1[20:], s2])  # a tab inside sentence 1
+    (folder / "train.tsv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"train\.tsv line 4 has 6 fields, expected 5"):
+        load_glue("mrpc", "train", tmp_path)
+
+
+def record(**changes):
+    base = {"task": "mrpc", "method": "lora", "seed": 0, "metrics": {"f1": 0.8, "accuracy": 0.7, "loss": 0.6}}
+    base.update(changes)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def test_report_on_records_without_costs_or_params_and_a_lora_only_paired_table(tmp_path):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "results.jsonl").write_text(json.dumps(record()) + "\n" + json.dumps(record(seed=1)) + "\n")
+    proc = run_cli("report", folder)
+    assert proc.returncode == 0, proc.stderr
+    text = (folder / "report.md").read_text()
+    assert "| mrpc | —" in text  # no adapter_params: a dash, not a KeyError
+    for table in text.split("\n\n"):
+        rows = [r for r in table.splitlines() if r.startswith("|")]
+        if rows:
+            assert len({r.count("|") for r in rows}) == 1, table  # header, separator and rows agree
+
+
+def test_report_on_a_record_without_metrics_fails_before_writing_anything(tmp_path):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "results.jsonl").write_text(json.dumps(record(metrics=None)) + "\n")
+    assert_one_line_error(run_cli("report", folder), "record 1", "metrics")
+    assert not list(folder.glob("*.png")) and not (folder / "report.md").exists()
+
+
+def test_probe_checks_its_output_path_before_any_work(tmp_path, glue_dir):
+    started = time.time()
+    proc = run_cli("probe", "--task", "sst2", "--estimator", "hutchinson", "--max-probes", "64", "--out", tmp_path,
+                   env={"SADRA_GLUE_DIR": str(glue_dir)})
+    assert_one_line_error(proc, "is a folder")
+    assert time.time() - started < 30  # no model was loaded, nothing probed
+    proc = run_cli("allocate", tmp_path / "missing.json", "--out", tmp_path)
+    assert_one_line_error(proc, "is a folder")
+
+
+def test_head_warm_up_leaves_torch_global_generator_alone(minilm, sst2_rows):
+    from sadra.data import calibration_batches
+    from sadra.probe import restore_head, warm_up_head
+
+    model, tokenizer = minilm
+    batches = calibration_batches(sst2_rows, tokenizer, num_batches=1, batch_size=4, max_length=16, seed=0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    saved = warm_up_head(model, batches, 2, seed=7)
+    restore_head(model, saved)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_peak_memory_is_the_process_own_not_its_parents(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, subprocess, sys; big = np.ones(400 * 2**20 // 8); "
+            "print(subprocess.run([sys.executable, '-c', 'from sadra.memory import peak_memory_mb, reset_peak_memory;"
+            "reset_peak_memory(); print(peak_memory_mb())'], capture_output=True, text=True).stdout)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    child_peak = float(out.stdout.strip())
+    assert 0 < child_peak < 300, out  # the parent's 400 MB array is not the child's peak
