@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import torch
 
 from sadra.adapt import lora_parameter_count, lora_ranks
@@ -98,3 +99,36 @@ def test_readme_python_example_runs(glue_dir, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     alloc, peft_model = namespace["alloc"], namespace["peft_model"]
     assert lora_parameter_count(peft_model) == alloc.params <= alloc.budget == 331_776
+
+
+def test_gradient_initialised_adapter_loads_onto_the_unchanged_base(tmp_path, glue_dir):
+    """LoRA-GA shifts the base weights at init; the saved adapter must still reproduce the run's
+    metrics when stock PEFT loads it onto a freshly loaded, unchanged base model."""
+    import numpy as np
+    from peft import PeftModel
+
+    from sadra.data import load_glue, subsample, tokenize
+    from sadra.metrics import glue_metrics
+    from sadra.models import load_model
+    from sadra.train import run_glue
+
+    settings = {"glue_dir": str(glue_dir), "max_train_samples": 32, "max_eval_samples": 24, "max_length": 32,
+                "allocate": {"rule": "proportional"},
+                "train": {"epochs": 1.0, "batch_size": 8, "threads": 2, "learning_rate": 1e-3},
+                "probe": {"max_probes": 2, "batch_size": 4, "num_batches": 2, "head_warmup_steps": 1}}
+    record = run_glue("sst2", "sadra", 0, tmp_path / "run", {**settings, "init": "gradient"}, progress=False)
+    assert record["init"] == "gradient"
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True  # converted to plain LoRA for the original base
+    base, tokenizer = load_model("minilm", 2, seed=123)  # another head init: the adapter carries the trained head
+    model = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
+    rows = subsample(load_glue("sst2", "validation", glue_dir), 24, 0)
+    batch = tokenizer([r.text_a for r in rows], truncation=True, max_length=32, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    labels = torch.tensor([r.label for r in rows])
+    loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    assert loss == pytest.approx(record["metrics"]["loss"], abs=2e-4)
+    acc = glue_metrics("sst2", logits.argmax(-1).numpy(), labels.numpy())["accuracy"]
+    assert acc == pytest.approx(record["metrics"]["accuracy"])
+    assert not (tmp_path / "run" / "adapter_init").exists()

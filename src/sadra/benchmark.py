@@ -247,6 +247,7 @@ def _run_with_limit(cmd: list[str], limit: float, log_path: Path) -> tuple[int |
             for line in proc.stdout:
                 sys.stdout.write(line)
                 log.write(line)
+                log.flush()  # the log is what a person watching a long cell reads
                 tail.append(line.rstrip())
 
         reader = threading.Thread(target=pump, daemon=True)

@@ -22,6 +22,7 @@ import math
 import platform
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -110,10 +111,18 @@ def _training_args(tr: Mapping[str, Any], out: Path, seed: int, device: torch.de
         use_cpu=device.type != "cuda",
         dataloader_num_workers=0,
         label_names=["labels"],
-        gradient_checkpointing=bool(tr["gradient_checkpointing"]),
-        gradient_checkpointing_kwargs={"use_reentrant": False} if tr["gradient_checkpointing"] else None,
         ddp_find_unused_parameters=False,
+        **_checkpointing_args(bool(tr["gradient_checkpointing"])),
     )
+
+
+def _checkpointing_args(on: bool) -> dict[str, Any]:
+    """Activation checkpointing under the name this transformers release uses (the old one warns)."""
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
 
 
 def _prepare(method: str, settings: Mapping[str, Any] | None, out_dir, header: Mapping[str, Any], progress: bool,
@@ -351,7 +360,10 @@ def _train(ctx: RunContext, model, make_batches, train_ds, eval_arg, collator, c
     calib_start = time.perf_counter()
     from .adapt import build_method_model
 
-    peft_model = build_method_model(ctx, model)
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model; SADRA does not.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = build_method_model(ctx, model)
     timing = {"calibration": time.perf_counter() - calib_start if ctx.method not in ("full", "lora") else 0.0}
     train_model = peft_model if peft_model is not None else model
     args = _training_args(tr, ctx.out, ctx.seed, ctx.device, ctx.progress, steps_per_epoch, ctx.total_steps,
@@ -404,6 +416,23 @@ def _save_weights(model, out: Path, method: str) -> None:
     if initial.exists():
         model.save_pretrained(str(target), safe_serialization=True,
                               path_initial_model_for_weight_conversion=str(initial))
+        _add_saved_modules(model, target)
         shutil.rmtree(initial, ignore_errors=True)
     else:
         model.save_pretrained(str(target), safe_serialization=True)
+
+
+def _add_saved_modules(model, target: Path) -> None:
+    """Put the trained task head back into a converted adapter file.
+
+    PEFT's conversion of a mutated-init adapter keeps only the LoRA factors and drops the
+    ``modules_to_save`` copies (the task head), which the adapter needs to reproduce the run.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    path = target / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    extra = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items() if ".lora_" not in k}
+    if extra:
+        save_file({**tensors, **extra}, str(path), metadata={"format": "pt"})
