@@ -82,18 +82,26 @@ def smoke_out(tmp_path_factory, glue_dir):
     with open(first_log, "w") as log:
         proc = start_benchmark(out, glue_dir, log)
     deadline = time.time() + 900
-    while count_lines(results) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
-    assert proc.poll() is None, first_log.read_text()[-3000:]
-    time.sleep(3)  # land the kill inside the next cell's training
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        while count_lines(results) < 3 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, first_log.read_text()[-3000:]
+        time.sleep(3)  # land the kill inside the next cell's training
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     killed_at = count_lines(results)
     assert 3 <= killed_at < SMOKE_CELLS
     second_log = out.parent / "smoke-second.log"
     with open(second_log, "w") as log:
         rerun = start_benchmark(out, glue_dir, log)
-        rerun.wait(timeout=1800)
+        try:
+            rerun.wait(timeout=1800)
+        finally:  # a timeout (or pytest-timeout) must not leave the benchmark running on its own
+            if rerun.poll() is None:
+                os.killpg(rerun.pid, signal.SIGKILL)
+                rerun.wait()
     output = second_log.read_text()
     assert rerun.returncode == 0, output[-4000:]
     return out, killed_at, output

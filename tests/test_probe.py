@@ -271,3 +271,14 @@ def test_head_warm_up_keeps_an_instance_level_forward_of_the_base_model(minilm, 
         assert len(calls) == 1  # run once for the batch, replayed for the two later steps
     finally:
         del model.bert.forward
+
+
+def test_standard_error_treats_batches_as_the_unit():
+    from sadra.probe import _batch_stderr
+
+    # Two batches, two rounds each: the batch means 1.5 and 3.5 are the two independent samples.
+    assert _batch_stderr([1.0, 2.0, 3.0, 4.0], [0, 0, 1, 1]) == pytest.approx(1.0)
+    # Rounds treated as independent would claim about two thirds of that.
+    assert _batch_stderr([1.0, 2.0, 3.0, 4.0], [0, 1, 2, 3]) == pytest.approx(0.6455, abs=1e-4)
+    # One batch: only the rounds' own spread is there to measure.
+    assert _batch_stderr([1.0, 3.0], [0, 0]) == pytest.approx(1.0)

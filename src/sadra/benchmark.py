@@ -57,13 +57,14 @@ def settings_hash(settings: dict[str, Any], base_method: str) -> str:
 def derived_cell_timeout(settings: dict[str, Any], train_rows: int) -> int:
     """The default wall-clock limit of a cell: generous, only there to end a hang.
 
-    It assumes 5 training examples/s at 64 tokens (ten times slower than LoRA on 2 CPU cores)
-    plus 15 minutes for loading, calibration and evaluation.
+    It assumes 2 training examples/s at 64 tokens (about 25 times slower than LoRA on 2 idle CPU
+    cores, so a machine shared with other jobs stays well inside it) plus 15 minutes for loading,
+    calibration and evaluation.
     """
     tr = settings["train"]
     rows = min(train_rows, settings["max_train_samples"] or train_rows)
     examples = rows * tr["epochs"] * max(1.0, settings["max_length"] / 64)
-    return int(900 + examples / 5)
+    return int(900 + examples / 2)
 
 
 class _Cell:

@@ -37,12 +37,12 @@ def allocation_label(method: str, alloc: Mapping[str, Any]) -> str:
     """A panel title from what the allocation file says produced it, not from the method's name."""
     source = alloc.get("method")
     if source == "adalora":
-        return f"{method}: AdaLoRA final ranks"
+        return f"{method}\nAdaLoRA final ranks"
     if source == "eva":
-        return f"{method}: EVA"
+        return f"{method}\nEVA"
     if alloc.get("rule") == "random" or alloc.get("estimator") == "random":
-        return f"{method}: random scores"
-    return f"{method}: {alloc.get('estimator') or '?'} signal, {alloc.get('rule') or 'proportional'} rule"
+        return f"{method}\nrandom scores"
+    return f"{method}\n{alloc.get('estimator') or '?'} / {alloc.get('rule') or 'proportional'}"
 TYPE_LABELS = {"q": "query", "k": "key", "v": "value", "o": "attn out", "ffn_in": "FFN in", "ffn_out": "FFN out",
                "qkv": "qkv"}
 
@@ -178,7 +178,7 @@ def _rank_heatmaps(folder: Path, task: str, methods: list[str], seed: int, out: 
     fig.colorbar(im, ax=axes[0].tolist(), label="rank", shrink=0.8)
     budget = next((a.get("budget") for _, a in panels if a.get("budget")), None)
     fig.suptitle(f"{task}: LoRA rank per module (seed {seed}); uniform LoRA = rank 8 everywhere"
-                 + (f", budget {budget:,} parameters" if budget else ""), fontsize=10, y=1.03)
+                 + (f", budget {budget:,} parameters" if budget else ""), fontsize=10, y=1.09)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out

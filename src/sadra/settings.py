@@ -128,9 +128,10 @@ class EvaSettings:
     adjust_scaling_factors: bool = setting(True, "EVA: keep alpha/r constant when ranks move")
     max_passes: int = setting(20, "EVA: the most passes over its calibration batches. PEFT repeats them until every "
                               "layer's components agree with the previous pass, with no limit of its own; a layer "
-                              "still moving at the cap keeps its current components and is counted in the record. "
-                              "20 passes is several times what converging layers take here (the run record's "
-                              "eva_passes shows it), and ends layers whose leading directions are tied",
+                              "still moving at the cap keeps its current components and is counted in the run "
+                              "record (eva_layers_capped). 20 is about twice the 9.1 passes EVA took to converge "
+                              "on SST-2 with the cpu preset's 8 batches of 16 (all 36 layers), and ends the layers "
+                              "that never settle, as in the smoke preset's 2 batches",
                               check="positive")
 
 
