@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "sadra.models",
+    "auto_lora_config": "sadra.auto",
     "load_probe_model": "sadra.models",
     "find_targets": "sadra.models",
     "estimate_sensitivity": "sadra.probe",

@@ -164,8 +164,27 @@ def build_method_model(ctx, model: nn.Module):
                                        task_type=ctx.task_type)
     ctx.info["init"] = st["init"]
     if st["init"] == "gradient":
-        return _gradient_initialised(ctx, model, config)
-    return get_peft_model(model, config)
+        peft_model = _gradient_initialised(ctx, model, config)
+    else:
+        peft_model = get_peft_model(model, config)
+    if alloc is not None:
+        check_built_ranks(peft_model, alloc.ranks)
+    return peft_model
+
+
+def check_built_ranks(peft_model: nn.Module, ranks: Mapping[str, int]) -> None:
+    """ModelError unless every module's LoRA rank in the built model is the allocated one.
+
+    PEFT skips pattern keys that match no module without a word, so a renamed module would
+    otherwise train at the default rank.
+    """
+    built = lora_ranks(peft_model)
+    wrong = [(n, r, built.get(n, 0)) for n, r in ranks.items() if built.get(n, 0) != r]
+    extra = sorted(set(built) - set(ranks))
+    if wrong or extra:
+        first = f"{wrong[0][0]} has rank {wrong[0][2]}, allocated {wrong[0][1]}" if wrong else f"{extra[0]} was not allocated"
+        raise ModelError(f"the built adapter does not match the allocation ({len(wrong) + len(extra)} modules; "
+                         f"{first}); the allocation was made for another model")
 
 
 def _allocation_for_run(ctx, model: nn.Module) -> RankAllocation:

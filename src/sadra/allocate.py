@@ -148,6 +148,53 @@ class RankAllocation:
 
         return cls.from_json(read_text(path, what="allocation JSON"))
 
+    # --- exports for other tools ---------------------------------------------------------
+    def _patterns(self, alpha_ratio: float) -> tuple[list[str], dict[str, int], dict[str, float]]:
+        """Target names (rank > 0) and rank/alpha patterns keyed ``^<escaped full name>$``.
+
+        Anchored full names: PEFT matches pattern keys as suffixes, so a bare ``layer.1.query``
+        would also match ``layer.11.query``.
+        """
+        targets = [n for n, r in self.ranks.items() if r > 0]
+        if not targets:
+            raise BudgetError("the allocation gives every module rank 0; raise the budget or use prune=False")
+        ranks = {f"^{re.escape(n)}$": int(self.ranks[n]) for n in targets}
+        alphas = {f"^{re.escape(n)}$": float(alpha_ratio * self.ranks[n]) for n in targets}
+        return targets, ranks, alphas
+
+    def to_axolotl(self, *, alpha_ratio: float = 2.0) -> dict[str, Any]:
+        """axolotl config keys for these ranks: ``lora_target_modules`` plus ``lora_rank_pattern`` and
+        ``lora_alpha_pattern`` (axolotl forwards both to PEFT's ``rank_pattern`` / ``alpha_pattern``)."""
+        targets, ranks, alphas = self._patterns(alpha_ratio)
+        if any(a != round(a) for a in alphas.values()):
+            raise BudgetError(f"axolotl takes integer alphas, but alpha_ratio {alpha_ratio} gives fractional ones; "
+                              "use an integer alpha_ratio")
+        return {"adapter": "lora", "lora_r": int(self.base_rank), "lora_alpha": int(round(alpha_ratio * self.base_rank)),
+                "lora_target_modules": targets, "lora_rank_pattern": ranks,
+                "lora_alpha_pattern": {k: int(round(a)) for k, a in alphas.items()}}
+
+    def export(self, path: str | Path, fmt: str = "json", *, alpha_ratio: float = 2.0, **lora_kwargs: Any) -> Path:
+        """Write the allocation as ``json`` (this object), ``peft`` (an ``adapter_config.json``-ready
+        ``LoraConfig``; ``LoraConfig.from_pretrained`` reads the folder it is named
+        ``adapter_config.json`` in) or ``axolotl`` (YAML keys for an axolotl config)."""
+        from .io import atomic_write_text
+
+        if fmt == "json":
+            self.save(path)
+        elif fmt == "peft":
+            config = self.to_lora_config(alpha_ratio=alpha_ratio, **lora_kwargs).to_dict()
+            config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+            atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        elif fmt == "axolotl":
+            import yaml
+
+            header = (f"# LoRA ranks from SADRA ({self.rule} rule): {self.params:,} parameters of a budget of "
+                      f"{self.budget:,} (uniform r={self.base_rank}).\n# Merge these keys into an axolotl config.\n")
+            atomic_write_text(path, header + yaml.safe_dump(self.to_axolotl(alpha_ratio=alpha_ratio), sort_keys=False))
+        else:
+            raise DataError(f"unknown export format {fmt!r}; use json, peft or axolotl")
+        return Path(path)
+
     # --- display -------------------------------------------------------------------------
     def table(self) -> str:
         """A plain-text table: module, score +- s.e., shape, rank, params."""
@@ -187,16 +234,10 @@ class RankAllocation:
         """
         from peft import LoraConfig
 
-        targets = [n for n, r in self.ranks.items() if r > 0]
-        if not targets:
-            raise BudgetError("the allocation gives every module rank 0; raise the budget or use prune=False")
-        rank_pattern = {f"^{re.escape(n)}$": int(self.ranks[n]) for n in targets}
+        targets, rank_pattern, alpha_pattern = self._patterns(alpha_ratio)
         if use_rslora:
             alpha_pattern = {}
-            base_alpha = alpha_ratio * self.base_rank
-        else:
-            alpha_pattern = {f"^{re.escape(n)}$": float(alpha_ratio * self.ranks[n]) for n in targets}
-            base_alpha = alpha_ratio * self.base_rank
+        base_alpha = alpha_ratio * self.base_rank
         kwargs = dict(r=self.base_rank, lora_alpha=base_alpha, use_rslora=use_rslora)
         kwargs.update(lora_kwargs)
         return LoraConfig(target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, **kwargs)

@@ -96,7 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prune", action="store_true", help=help_of("allocate.prune"))
     a.add_argument("--normalize", default=default_of("allocate.normalize"), help=help_of("allocate.normalize"))
     a.add_argument("--power", type=float, default=default_of("allocate.power"), help=help_of("allocate.power"))
-    a.add_argument("--out", default=None, help="where to write the allocation (JSON)")
+    a.add_argument("--out", default=None, help="where to write the allocation (in --format)")
+    a.add_argument("--format", default="json", choices=("json", "peft", "axolotl"),
+                   help="json: SADRA's allocation file; peft: an adapter_config.json-ready LoraConfig; "
+                        "axolotl: YAML keys lora_target_modules / lora_rank_pattern / lora_alpha_pattern")
+    a.add_argument("--alpha-ratio", type=float, default=default_of("allocate.alpha_ratio"),
+                   help=help_of("allocate.alpha_ratio"))
+    a.add_argument("--task-type", default=None, help="peft format: the LoraConfig's task_type (e.g. CAUSAL_LM, SEQ_CLS)")
     a.add_argument("--plot", default=None, help="also draw the allocation as a heatmap PNG")
 
     t = sub.add_parser("train", help="fine-tune one (task, method, seed) and evaluate it")
@@ -205,6 +211,10 @@ def cmd_allocate(args) -> int:
     from .io import check_output_file
     from .probe import SensitivityReport
 
+    if args.format != "json" and not args.out:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--format {args.format} writes a file: give --out PATH")
     out = check_output_file(args.out, "allocation") if args.out else None
     plot = check_output_file(args.plot, "plot") if args.plot else None
     report = SensitivityReport.load(args.probe)
@@ -212,8 +222,9 @@ def cmd_allocate(args) -> int:
                            max_rank=args.max_rank, prune=args.prune, normalize=args.normalize, power=args.power)
     print(alloc.table())
     if out:
-        alloc.save(out)
-        print(f"wrote {out}")
+        extra = {"task_type": args.task_type} if args.format == "peft" and args.task_type else {}
+        alloc.export(out, args.format, alpha_ratio=args.alpha_ratio, **extra)
+        print(f"wrote {out} ({args.format})")
     if plot:
         from .report import plot_allocation
 

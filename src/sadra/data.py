@@ -22,6 +22,16 @@ HUB_DATASET = "nyu-mll/glue"
 
 
 @dataclass(frozen=True)
+class PromptFormat:
+    """A classification task as text for a causal LM: ``template`` is filled with the row's
+    ``text_a`` (and ``text_b``); the model is trained and scored on ``answers[label]``, which
+    must each be one token of the model's tokenizer."""
+
+    template: str
+    answers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str                        # canonical id: sst2, mrpc, ...
     folder: str                      # folder in the GLUE layout: SST-2, MRPC, ...
@@ -33,6 +43,11 @@ class TaskSpec:
     label_names: tuple[str, ...] | None  # string labels in the TSV, in hub id order
     metrics: tuple[str, ...]         # evaluate's GLUE metric names, main metric first
     eval_splits: tuple[tuple[str, str], ...] = (("validation", "dev.tsv"),)
+    prompt: PromptFormat | None = None  # set: the task is posed to a causal LM (see sadra.lm)
+
+    @property
+    def is_prompt(self) -> bool:
+        return self.prompt is not None
 
     @property
     def main_metric(self) -> str:
@@ -61,6 +76,8 @@ TASKS: dict[str, TaskSpec] = {
                  ("entailment", "not_entailment"), ("accuracy",)),
         TaskSpec("rte", "RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", True, 2,
                  ("entailment", "not_entailment"), ("accuracy",)),
+        TaskSpec("sst2-lm", "SST-2", ("sentence",), ("sentence",), "label", True, 2, None, ("accuracy",),
+                 prompt=PromptFormat("Review: {text_a}\nSentiment:", (" negative", " positive"))),
         TaskSpec("wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", True, 2, None,
                  ("accuracy",)),
     ]
@@ -236,12 +253,13 @@ def subsample(examples: Sequence[Example], n: int | None, seed: int) -> list[Exa
 
 
 # Rows held out of each train file for choosing settings (never trained on, never the dev set).
-SELECTION_SIZES = {"mrpc": 400, "sst2": 872, "qnli": 1000}
+# Keyed by GLUE folder, so that a task and its prompt form (sst2, sst2-lm) hold out the same rows.
+SELECTION_SIZES = {"MRPC": 400, "SST-2": 872, "QNLI": 1000}
 SELECTION_SEED = 0
 
 
 def selection_size(spec: TaskSpec, num_rows: int) -> int:
-    return SELECTION_SIZES.get(spec.name, min(1000, max(1, num_rows // 10)))
+    return SELECTION_SIZES.get(spec.folder, min(1000, max(1, num_rows // 10)))
 
 
 def split_selection(spec: TaskSpec, train_rows: Sequence[Example]) -> tuple[list[Example], list[Example]]:

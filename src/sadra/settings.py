@@ -57,7 +57,8 @@ class TrainSettings:
     save_total_limit: int = setting(1, "checkpoints kept", check="non_negative")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory")
     threads: int | None = setting(None, "torch CPU threads (default: torch's choice)", check="positive", optional=int)
-    evals_per_epoch: int = setting(1, "evaluations on the eval split per epoch", check="positive")
+    evals_per_epoch: int = setting(1, "evaluations on the eval split per epoch (0: only the final one, which "
+                                   "every run makes)", check="non_negative")
 
 
 @dataclass

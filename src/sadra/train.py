@@ -98,7 +98,7 @@ def _training_args(tr: Mapping[str, Any], out: Path, seed: int, device: torch.de
         max_grad_norm=tr["max_grad_norm"],
         logging_steps=tr["logging_steps"],
         logging_nan_inf_filter=False,
-        eval_strategy=("steps" if per_epoch else "epoch") if evaluate else "no",
+        eval_strategy=("steps" if per_epoch else "epoch") if evaluate and tr["evals_per_epoch"] else "no",
         eval_steps=max(1, steps_per_epoch // tr["evals_per_epoch"]) if per_epoch else None,
         save_strategy="steps",
         save_steps=tr["save_steps"],
@@ -255,16 +255,61 @@ class RunContext:
 
 def run_glue(task: str, method: str, seed: int, out_dir: str | Path, settings: Mapping[str, Any] | None = None,
              *, progress: bool = True, preset: str | None = None) -> dict[str, Any]:
-    """Fine-tune and evaluate one (task, method, seed); returns the final metrics record."""
-    from transformers import DataCollatorWithPadding
+    """Fine-tune and evaluate one (task, method, seed); returns the final metrics record.
 
+    A prompt task (``sst2-lm``) trains a causal LM on the answer token and scores the answers'
+    log-probabilities; its record adds the zero-shot metrics before training and the answer perplexity.
+    """
     spec = get_task(task)
-    ctx = _prepare(method, settings, out_dir, {"task": spec.name, "seed": seed}, progress, preset, PEFT_TASK_TYPE)
+    ctx = _prepare(method, settings, out_dir, {"task": spec.name, "seed": seed}, progress, preset,
+                   "CAUSAL_LM" if spec.is_prompt else PEFT_TASK_TYPE)
     st = ctx.settings
     train_rows, eval_splits, main_split = glue_rows(spec, st)
+    job = (_prompt_job if spec.is_prompt else _classifier_job)(spec, st, seed, train_rows, eval_splits)
+    eval_ds = job.eval_ds
+    trainer, train_model, timing = _train(ctx, job.model, job.make_batches, job.train_ds,
+                                          eval_ds[main_split] if len(eval_ds) == 1 else eval_ds, job.collator,
+                                          job.compute_metrics, preprocess=job.preprocess,
+                                          zero_shot=eval_ds[main_split] if spec.is_prompt else None)
+    eval_start = time.perf_counter()
+    metrics, extra = _final_eval(trainer, eval_ds, main_split)
+    train_check = _train_split_check(trainer, job.train_ds, spec, st, seed)
+    timing["eval"] = time.perf_counter() - eval_start
+    _finish(trainer, train_model, ctx)
+    if spec.is_prompt:
+        metrics["perplexity"] = float(math.exp(min(metrics["loss"], 700)))  # per answer token
+    majority = majority_score(spec, [e.label for e in eval_splits[main_split]])
+    at_majority = bool(majority) and abs(metrics[spec.main_metric] - majority[spec.main_metric]) < 1e-9
+    record = {
+        "task": spec.name, "method": method, "seed": int(seed), "eval_split": st["eval_split"], "metrics": metrics,
+        "main_metric": spec.main_metric, **({"extra_metrics": extra} if extra else {}),
+        "majority_metrics": majority, "at_majority_class": at_majority, "train_split_metrics": train_check,
+        "train_samples": len(job.train_ds), "eval_samples": {s: len(d) for s, d in eval_ds.items()},
+        **_common_record(ctx, trainer, train_model, timing, len(job.train_ds) * st["train"]["epochs"]),
+    }
+    if is_main_process():
+        write_json(ctx.out / "metrics.json", record)
+    return record
+
+
+@dataclass
+class TaskJob:
+    """A task's model, datasets and metric functions, ready for :func:`_train`."""
+
+    model: Any
+    train_ds: Any
+    eval_ds: dict[str, Any]
+    make_batches: Callable[[int, int, int], list]
+    collator: Any
+    compute_metrics: Callable
+    preprocess: Callable | None = None
+
+
+def _classifier_job(spec, st: Mapping[str, Any], seed: int, train_rows, eval_splits) -> TaskJob:
+    """An encoder (or any model) with a fresh classification head."""
+    from transformers import DataCollatorWithPadding
+
     model, tokenizer = load_model(st["model"], spec.num_labels, seed=seed, trust_remote_code=st["trust_remote_code"])
-    train_ds = tokenize(train_rows, tokenizer, st["max_length"])
-    eval_ds = {s: tokenize(rows, tokenizer, st["max_length"]) for s, rows in eval_splits.items()}
 
     def make_batches(num_batches, batch_size, batch_seed):
         return calibration_batches(train_rows, tokenizer, num_batches=num_batches, batch_size=batch_size,
@@ -274,25 +319,33 @@ def run_glue(task: str, method: str, seed: int, out_dir: str | Path, settings: M
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         return glue_metrics(spec, predictions_from_logits(spec, logits), pred.label_ids)
 
-    trainer, train_model, timing = _train(ctx, model, make_batches, train_ds, eval_ds[main_split] if len(eval_ds) == 1
-                                          else eval_ds, DataCollatorWithPadding(tokenizer), compute_metrics)
-    eval_start = time.perf_counter()
-    metrics, extra = _final_eval(trainer, eval_ds, main_split)
-    train_check = _train_split_check(trainer, train_ds, spec, st, seed)
-    timing["eval"] = time.perf_counter() - eval_start
-    _finish(trainer, train_model, ctx)
-    majority = majority_score(spec, [e.label for e in eval_splits[main_split]])
-    at_majority = bool(majority) and abs(metrics[spec.main_metric] - majority[spec.main_metric]) < 1e-9
-    record = {
-        "task": spec.name, "method": method, "seed": int(seed), "eval_split": st["eval_split"], "metrics": metrics,
-        "main_metric": spec.main_metric, **({"extra_metrics": extra} if extra else {}),
-        "majority_metrics": majority, "at_majority_class": at_majority, "train_split_metrics": train_check,
-        "train_samples": len(train_ds), "eval_samples": {s: len(d) for s, d in eval_ds.items()},
-        **_common_record(ctx, trainer, train_model, timing, len(train_ds) * st["train"]["epochs"]),
-    }
-    if is_main_process():
-        write_json(ctx.out / "metrics.json", record)
-    return record
+    return TaskJob(model, tokenize(train_rows, tokenizer, st["max_length"]),
+                   {s: tokenize(rows, tokenizer, st["max_length"]) for s, rows in eval_splits.items()},
+                   make_batches, DataCollatorWithPadding(tokenizer), compute_metrics)
+
+
+def _prompt_job(spec, st: Mapping[str, Any], seed: int, train_rows, eval_splits) -> TaskJob:
+    """A causal LM trained on the answer token of each prompt, scored by the answers' log-probabilities."""
+    from .lm import answer_log_probs, answer_token_ids, prompt_batches, prompt_collator, prompt_dataset, \
+        prompt_predictions
+
+    model, tokenizer = load_model(st["model"], task="causal-lm", seed=seed, trust_remote_code=st["trust_remote_code"])
+    model.config.use_cache = False  # no key/value cache in training or scoring: nothing is generated
+    answers = answer_token_ids(spec.prompt, tokenizer)
+    fmt, length = spec.prompt, st["max_length"]
+
+    def make_batches(num_batches, batch_size, batch_seed):
+        return prompt_batches(train_rows, fmt, tokenizer, num_batches=num_batches, batch_size=batch_size,
+                              max_length=length, seed=batch_seed)
+
+    def compute_metrics(pred):
+        predicted, gold = prompt_predictions(pred.predictions, pred.label_ids, answers)
+        return glue_metrics(spec, predicted, gold)
+
+    return TaskJob(model, prompt_dataset(train_rows, fmt, tokenizer, length),
+                   {s: prompt_dataset(rows, fmt, tokenizer, length) for s, rows in eval_splits.items()},
+                   make_batches, prompt_collator(tokenizer), compute_metrics,
+                   preprocess=lambda logits, labels: answer_log_probs(logits, labels, answers))
 
 
 def run_causal_lm(text_file: str | Path, method: str, seed: int, out_dir: str | Path,
@@ -344,8 +397,13 @@ def run_causal_lm(text_file: str | Path, method: str, seed: int, out_dir: str | 
     return record
 
 
-def _train(ctx: RunContext, model, make_batches, train_ds, eval_arg, collator, compute_metrics):
-    """Build the method's model on ``model`` and train it; returns (trainer, trained model, timing)."""
+def _train(ctx: RunContext, model, make_batches, train_ds, eval_arg, collator, compute_metrics, *,
+           preprocess: Callable | None = None, zero_shot=None):
+    """Build the method's model on ``model`` and train it; returns (trainer, trained model, timing).
+
+    ``zero_shot``: a dataset evaluated before training (the adapters start as the identity), into
+    ``ctx.info["zero_shot_metrics"]``.
+    """
     from transformers import Trainer
 
     tr = ctx.settings["train"]
@@ -371,7 +429,11 @@ def _train(ctx: RunContext, model, make_batches, train_ds, eval_arg, collator, c
     AdaLoraUpdate, FiniteLoss = _callbacks()
     callbacks = [FiniteLoss()] + ([AdaLoraUpdate(peft_model)] if ctx.method == "adalora" else [])
     trainer = Trainer(model=train_model, args=args, train_dataset=train_ds, eval_dataset=eval_arg,
-                      data_collator=collator, compute_metrics=compute_metrics, callbacks=callbacks)
+                      data_collator=collator, compute_metrics=compute_metrics, callbacks=callbacks,
+                      preprocess_logits_for_metrics=preprocess)
+    if zero_shot is not None:
+        ctx.info["zero_shot_metrics"] = _metric_values(trainer.evaluate(eval_dataset=zero_shot,
+                                                                        metric_key_prefix="zeroshot"), "zeroshot")
     timing["train"], ctx.info["resumed_from"] = _fit(trainer, ctx.out)
     return trainer, train_model, timing
 
@@ -381,15 +443,24 @@ def _final_eval(trainer, eval_ds: Mapping[str, Any], main_split: str):
     metrics: dict[str, float] = {}
     extra: dict[str, dict[str, float]] = {}
     for split, ds in eval_ds.items():
-        raw = trainer.evaluate(eval_dataset=ds, metric_key_prefix="final")
-        values = {k[len("final_"):]: float(v) for k, v in raw.items()
-                  if k.startswith("final_") and k[len("final_"):] not in ("loss", "runtime", "samples_per_second", "steps_per_second", "epoch")}
+        values = _metric_values(trainer.evaluate(eval_dataset=ds, metric_key_prefix="final"), "final")
         if split == main_split:
             metrics = values
-            metrics["loss"] = float(raw.get("final_loss", float("nan")))
         else:
+            values.pop("loss", None)
             extra[split] = values
     return metrics, extra
+
+
+_TIMINGS = ("runtime", "samples_per_second", "steps_per_second", "epoch", "model_preparation_time")
+
+
+def _metric_values(raw: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """The metrics and loss of a ``trainer.evaluate`` result, without its prefix and timings."""
+    cut = len(prefix) + 1
+    values = {k[cut:]: float(v) for k, v in raw.items() if k.startswith(prefix + "_") and k[cut:] not in _TIMINGS}
+    values.setdefault("loss", float("nan"))
+    return values
 
 
 def _train_split_check(trainer, train_ds, spec, settings, seed) -> dict[str, float]:
