@@ -297,7 +297,9 @@ def cmd_train(args) -> int:
         record = run_glue(task, method, args.seed, args.out, settings, progress=not args.quiet,
                           preset=args.preset_name or preset)
     metric = record["main_metric"]
-    print(f"{task} {method} seed {args.seed}: {metric} {record['metrics'][metric]:.4f} "
+    before = record.get("zero_shot_metrics", {}).get(metric)
+    print(f"{task} {method} seed {args.seed}: {metric} {record['metrics'][metric]:.4f}"
+          + (f" (zero-shot {before:.4f})" if before is not None else "") + " "
           f"({record['trainable_params']:,} trainable; train {record['train_seconds']:.0f} s); wrote {args.out}/metrics.json")
     return 0
 
