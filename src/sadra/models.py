@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -52,6 +54,22 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+@contextmanager
+def quiet_transformers():
+    """transformers' info/warning logs and progress bars off for a block (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars_off = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled() is False
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if not bars_off:
+            hf_logging.enable_progress_bar()
+
+
 def cache_dir() -> Path:
     """Where converted models are kept: ``$SADRA_CACHE_DIR``, else ``~/.cache/sadra``."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sadra").expanduser()
@@ -82,25 +100,23 @@ def smollm2_folder() -> Path:
     import tempfile
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    print(f"sadra: converting SmolLM2 from {gguf.name} to safetensors in {target} (once)", file=sys.stderr)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # The dequantised weights are plain float32: drop the GGUF marker so that they save as safetensors.
-        model.hf_quantizer = None
-        model.config.__dict__.pop("quantization_config", None)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            # The dequantised weights are plain float32: drop the GGUF marker so that they save as safetensors.
+            model.hf_quantizer = None
+            model.config.__dict__.pop("quantization_config", None)
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
         if target.exists():  # a half-written folder from an interrupted conversion
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
-        hf_logging.set_verbosity(verbosity)
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -125,7 +141,6 @@ def load_model(
     ``trust_remote_code=True``.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ModelError(f"model must be a name, folder or hub id, got {name_or_path!r}; use 'minilm' or 'smollm2'")
@@ -144,21 +159,18 @@ def load_model(
         kwargs["dtype"] = dtype
     if seed is not None:
         torch.manual_seed(seed)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the fresh-head warning is expected here
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with quiet_transformers():  # the fresh-head notice is expected; loading bars are noise here
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            if task == "classification":
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"cannot load model {name_or_path!r} ({first[:200]}); pass 'minilm', a local model folder, or a hub id with network access"
         ) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     check_tokenizer(tokenizer, name_or_path)
     if tokenizer.pad_token is None:
         # Decoder models often ship without a pad token; padding positions are masked anyway.

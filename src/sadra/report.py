@@ -169,7 +169,9 @@ def _rank_heatmaps(folder: Path, task: str, methods: list[str], seed: int, out: 
         return None
     plt = _plt()
     vmax = max(max(a["ranks"].values()) for _, a in panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 1, 4.2), squeeze=False)
+    layers = max(len(_rank_grid(a["ranks"])[1]) for _, a in panels)  # 6 for MiniLM, 30 for SmolLM2
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 1, max(4.2, 1.5 + 0.24 * layers)),
+                             squeeze=False)
     im = None
     for ax, (label, alloc) in zip(axes[0], panels):
         shapes = alloc.get("shapes", {})
