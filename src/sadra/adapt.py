@@ -239,7 +239,7 @@ def _gradient_initialised(ctx, model: nn.Module, config):
     from peft.tuners.lora.loraga import preprocess_loraga
 
     from .distributed import is_main_process
-    from .probe import _to_device
+    from .probe import to_device
 
     pr = ctx.settings["probe"]
     batches = ctx.make_batches(pr["num_batches"], pr["batch_size"], ctx.seed)
@@ -248,7 +248,7 @@ def _gradient_initialised(ctx, model: nn.Module, config):
 
     def train_step():
         for batch in batches:
-            model(**_to_device(batch, ctx.device)).loss.backward()
+            model(**to_device(batch, ctx.device)).loss.backward()
 
     with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), warnings.catch_warnings():
         # PEFT collects LoRA-GA's gradients with full backward hooks; with frozen inputs torch says so on every call.

@@ -183,11 +183,11 @@ def _math_attention():
         return contextlib.nullcontext()
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
+        return type(batch)(to_device(b, device) for b in batch)
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     return batch
@@ -231,7 +231,7 @@ def warm_up_head(
             replay = _BaseOutputReplay(base, len(batches), cache_bytes) if steps > len(batches) else None
             for step in range(steps):
                 b_idx = step % len(batches)
-                batch = _to_device(batches[b_idx], device)
+                batch = to_device(batches[b_idx], device)
                 with replay.serving(b_idx) if replay is not None else contextlib.nullcontext():
                     loss = loss_fn(model, batch)
                 if not torch.isfinite(loss):
@@ -408,7 +408,7 @@ def _run_rounds(model, batches, params, names, signal, calls, *, seed, max_probe
             b_idx = block % len(batches)
             local = []
             if first < max_probes:
-                batch = _to_device(batches[b_idx], device)
+                batch = to_device(batches[b_idx], device)
                 shared = signal.prepare(model, batch, params, calls, b_idx, first_visit=block < len(batches))
                 span = range(first, min(first + probes_per_batch, max_probes))
                 for k, r in enumerate(span):
