@@ -84,6 +84,7 @@ def test_cli_probe_then_export_each_format(glue_dir, tmp_path):
     proc = run_cli("probe", "--glue-dir", glue_dir, "--num-batches", 1, "--batch-size", 8, "--max-probes", 2,
                    "--head-warmup-steps", 5, "--out", probe, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Warning" not in proc.stderr and "Loading weights" not in proc.stderr  # a clean terminal
     outs = {}
     for fmt in ("json", "peft", "axolotl"):
         outs[fmt] = tmp_path / f"alloc.{fmt}"

@@ -72,6 +72,8 @@ def test_sst2_lm_trains_sadra_on_210_modules_from_the_cli(glue_dir, tmp_path):
                    "train.epochs=1", "train.batch_size=8", "train.eval_batch_size=16", "max_length=48",
                    "probe.num_batches=1", "probe.batch_size=4", "probe.max_probes=2", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr and "Loading weights" not in proc.stderr  # a clean terminal
+    assert "(zero-shot " in proc.stdout
     record = json.loads((out / "metrics.json").read_text())
     assert record["task"] == "sst2-lm" and 0 <= record["metrics"]["accuracy"] <= 1
     assert record["metrics"]["perplexity"] == pytest.approx(np.exp(record["metrics"]["loss"]))
