@@ -9,6 +9,7 @@ Everything else is stock transformers + PEFT.
 
 import argparse
 import json
+import math
 
 from datasets import Dataset
 from peft import get_peft_model
@@ -45,9 +46,11 @@ def main():
     print(config.sadra_allocation.table())
     model = get_peft_model(model, config)
 
+    steps = math.ceil(len(train) / 16) * args.epochs
     training_args = TrainingArguments(output_dir=f"{args.out}/checkpoints", num_train_epochs=args.epochs,
                                       learning_rate=5e-4, per_device_train_batch_size=16, per_device_eval_batch_size=64,
-                                      warmup_steps=0.06, weight_decay=0.01, save_strategy="no", report_to=[], seed=0)
+                                      warmup_steps=int(0.06 * steps), weight_decay=0.01, save_strategy="no",
+                                      report_to=[], seed=0)
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=dev,
                       data_collator=DataCollatorWithPadding(tokenizer),
                       compute_metrics=lambda p: {"accuracy": accuracy_score(p.label_ids, p.predictions.argmax(-1))})
