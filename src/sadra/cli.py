@@ -106,12 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--plot", default=None, help="also draw the allocation as a heatmap PNG")
 
     t = sub.add_parser("train", help="fine-tune one (task, method, seed) and evaluate it")
-    t.add_argument("--task", required=True, help="a GLUE task (sst2, mrpc, qnli, ...) or causal-lm (with --text-file)")
+    t.add_argument("--task", required=True, help="a GLUE task (sst2, mrpc, qnli, ...), sst2-lm (SST-2 as prompts for a causal LM) or causal-lm (with --text-file)")
     t.add_argument("--text-file", default=None, help="causal-lm: training text, one document per line")
     t.add_argument("--method", required=True, help="one of: " + ", ".join(METHODS))
     t.add_argument("--seed", type=_non_negative_int, default=0)
     t.add_argument("--out", required=True, help="run folder")
-    t.add_argument("--preset", default=None, help="take settings from a preset (smoke, cpu, paper)")
+    t.add_argument("--preset", default=None, help="take settings from a preset (smoke, cpu, paper, cpu-llm)")
     t.add_argument("--config", default=None, help="YAML file of settings")
     _add_data_args(t)
     t.add_argument("--model", default=None)
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.epochs=2")
 
     b = sub.add_parser("benchmark", help="run the grid tasks x methods x seeds")
-    b.add_argument("--preset", default=None, help="smoke (default), cpu or paper")
+    b.add_argument("--preset", default=None, help="smoke (default), cpu, paper or cpu-llm (SmolLM2 on SST-2 prompts)")
     b.add_argument("--config", default=None, help="YAML benchmark config instead of a preset")
     b.add_argument("--tasks", nargs="+", default=None)
     b.add_argument("--methods", nargs="+", default=None)
