@@ -97,3 +97,21 @@ def test_auto_lora_config_on_texts_for_a_causal_lm(smollm2, sst2_rows):
     alloc = config.sadra_allocation
     assert len(alloc.ranks) == 210 and alloc.params <= alloc.budget == 4 * sum(sum(s) for s in alloc.shapes.values())
     assert config.sadra_report.estimator == "fisher" and not config.modules_to_save
+
+
+def test_probe_and_peft_export_for_smollm2_from_the_cli(glue_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from sadra.adapt import lora_ranks
+
+    probe, folder = tmp_path / "probe.json", tmp_path / "cfg"
+    proc = run_cli("probe", "--model", "smollm2", "--task", "sst2-lm", "--glue-dir", glue_dir, "--num-batches", 1,
+                   "--batch-size", 4, "--max-probes", 2, "--max-length", 48, "--out", probe, timeout=600)
+    assert proc.returncode == 0 and "probed 210 modules" in proc.stdout, proc.stderr[-2000:]
+    folder.mkdir()
+    proc = run_cli("allocate", probe, "--format", "peft", "--task-type", "CAUSAL_LM", "--prune", "--min-rank", 1,
+                   "--out", folder / "adapter_config.json", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = LoraConfig.from_pretrained(str(folder))
+    model = get_peft_model(load_model("smollm2", task="causal-lm")[0], config)  # a fresh copy: no shared state
+    assert lora_ranks(model) == {k.strip("^$").replace("\\.", "."): r for k, r in config.rank_pattern.items()}

@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_probe(args) -> int:
     from .adapt import probe_options
     from .config import RUN_DEFAULTS, merge_run
+    from .data import get_task
     from .io import check_output_file
     from .probe import estimate_sensitivity
 
@@ -175,8 +176,9 @@ def cmd_probe(args) -> int:
         "probes_per_batch": args.probes_per_batch, "batch_size": args.batch_size, "num_batches": args.num_batches,
         "head_warmup_steps": args.head_warmup_steps}, "allocate": {"max_rank": args.max_rank}}, "command line")
     model, batches, task_name = _probe_inputs(args)
+    has_head = not args.text_file and not get_task(args.task or "sst2").is_prompt
     report = estimate_sensitivity(model, batches, targets=args.targets, seed=args.seed, progress=sys.stderr.isatty(),
-                                  **probe_options(settings, has_head=not args.text_file))
+                                  **probe_options(settings, has_head=has_head))
     report.model = args.model
     report.meta["task"] = task_name
     report.save(out)
@@ -200,10 +202,14 @@ def _probe_inputs(args):
         return model, batches, None
     spec = get_task(args.task or "sst2")
     rows = load_glue(spec, "train", args.glue_dir)
+    sizes = dict(num_batches=args.num_batches, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
+    if spec.is_prompt:  # a causal LM scored on the answer token, as `sadra train` probes it
+        from .lm import prompt_batches
+
+        model, tokenizer = load_model(args.model, task="causal-lm", trust_remote_code=args.trust_remote_code)
+        return model, prompt_batches(rows, spec.prompt, tokenizer, **sizes), spec.name
     model, tokenizer = load_model(args.model, spec.num_labels, seed=args.seed, trust_remote_code=args.trust_remote_code)
-    batches = calibration_batches(rows, tokenizer, num_batches=args.num_batches, batch_size=args.batch_size,
-                                  max_length=args.max_length, seed=args.seed)
-    return model, batches, spec.name
+    return model, calibration_batches(rows, tokenizer, **sizes), spec.name
 
 
 def cmd_allocate(args) -> int:
