@@ -124,11 +124,11 @@ def _dataset_batches(ds, tokenizer, num_batches: int, batch_size: int, seed: int
     if "label" in ds.column_names and "labels" not in ds.column_names:
         ds = ds.rename_column("label", "labels")
     ds = ds.select_columns([c for c in _MODEL_INPUTS if c in ds.column_names])
-    need = min(len(ds), num_batches * batch_size)
-    picks = np.sort(np.random.default_rng(seed).choice(len(ds), size=need, replace=False))
-    rows = [ds[int(i)] for i in picks]
+    from .data import subsample
+
+    rows = [ds[int(i)] for i in subsample(range(len(ds)), num_batches * batch_size, seed)]
     pad = _padder(tokenizer, pad_token_id)
-    return [pad(rows[k:k + batch_size]) for k in range(0, need, batch_size)]
+    return [pad(rows[k:k + batch_size]) for k in range(0, len(rows), batch_size)]
 
 
 def _padder(tokenizer, pad_token_id: int | None):

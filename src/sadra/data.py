@@ -289,12 +289,8 @@ def tokenize(examples: Sequence[Example], tokenizer, max_length: int):
     return Dataset.from_dict(columns)
 
 
-def calibration_batches(
-    examples: Sequence[Example], tokenizer, *, num_batches: int, batch_size: int, max_length: int, seed: int
-) -> list[dict[str, Any]]:
-    """``num_batches`` padded batches of ``batch_size`` distinct rows drawn from ``examples``."""
-    import torch
-
+def calibration_chunks(examples: Sequence[Example], *, num_batches: int, batch_size: int, seed: int) -> list[list[Example]]:
+    """``num_batches`` lists of ``batch_size`` distinct rows drawn from ``examples`` (seeded)."""
     need = num_batches * batch_size
     if need > len(examples):
         raise DataError(
@@ -302,9 +298,17 @@ def calibration_batches(
         )
     rows = subsample(examples, need, seed)
     order = np.random.default_rng(seed + 1).permutation(need)
+    return [[rows[i] for i in order[k * batch_size:(k + 1) * batch_size]] for k in range(num_batches)]
+
+
+def calibration_batches(
+    examples: Sequence[Example], tokenizer, *, num_batches: int, batch_size: int, max_length: int, seed: int
+) -> list[dict[str, Any]]:
+    """``num_batches`` padded batches of ``batch_size`` distinct rows drawn from ``examples``."""
+    import torch
+
     batches = []
-    for k in range(num_batches):
-        chunk = [rows[i] for i in order[k * batch_size:(k + 1) * batch_size]]
+    for chunk in calibration_chunks(examples, num_batches=num_batches, batch_size=batch_size, seed=seed):
         a = [e.text_a for e in chunk]
         b = [e.text_b for e in chunk] if chunk[0].text_b is not None else None
         enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=True, return_tensors="pt")

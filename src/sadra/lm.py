@@ -109,19 +109,13 @@ def prompt_collator(tokenizer):
 def prompt_batches(examples: Sequence[Any], fmt, tokenizer, *, num_batches: int, batch_size: int, max_length: int,
                    seed: int) -> list[dict[str, Any]]:
     """Calibration batches of prompt tasks: the same rows :func:`sadra.data.calibration_batches` draws."""
-    from .data import subsample
+    from .data import calibration_chunks
 
-    need = num_batches * batch_size
-    if need > len(examples):
-        raise DataError(f"calibration needs {need} rows ({num_batches} x {batch_size}) but the train split has "
-                        f"{len(examples)}; lower the batch count or size")
-    rows = subsample(examples, need, seed)
-    order = np.random.default_rng(seed + 1).permutation(need)
     collate = prompt_collator(tokenizer)
     batches = []
-    for k in range(num_batches):
-        enc = encode_prompts([rows[i] for i in order[k * batch_size:(k + 1) * batch_size]], fmt, tokenizer, max_length)
-        batches.append(dict(collate([{key: enc[key][j] for key in enc} for j in range(batch_size)])))
+    for chunk in calibration_chunks(examples, num_batches=num_batches, batch_size=batch_size, seed=seed):
+        enc = encode_prompts(chunk, fmt, tokenizer, max_length)
+        batches.append(dict(collate([{key: enc[key][j] for key in enc} for j in range(len(chunk))])))
     return batches
 
 

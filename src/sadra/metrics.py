@@ -56,3 +56,10 @@ def majority_score(task: str | TaskSpec, labels: Sequence[Any]) -> dict[str, flo
     values, counts = np.unique(np.asarray(labels), return_counts=True)
     majority = values[np.argmax(counts)]
     return glue_metrics(spec, np.full(len(labels), majority), np.asarray(labels))
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token cross-entropy), capped below float overflow."""
+    import math
+
+    return float(math.exp(min(loss, 700)))

@@ -37,7 +37,7 @@ from .config import RUN_DEFAULTS, check_method, merge_run, method_settings
 from .data import calibration_batches, get_task, load_glue, split_selection, subsample, tokenize
 from .errors import CurvatureError
 from .io import atomic_write_text, ensure_dir, write_json
-from .metrics import glue_metrics, majority_score, predictions_from_logits
+from .metrics import glue_metrics, majority_score, perplexity, predictions_from_logits
 from .distributed import (check_same_across_processes, is_main_process, local_device, maybe_init_distributed,
                           world_size_from_env)
 from .memory import peak_memory_mb, reset_peak_memory
@@ -277,7 +277,7 @@ def run_glue(task: str, method: str, seed: int, out_dir: str | Path, settings: M
     timing["eval"] = time.perf_counter() - eval_start
     _finish(trainer, train_model, ctx)
     if spec.is_prompt:
-        metrics["perplexity"] = float(math.exp(min(metrics["loss"], 700)))  # per answer token
+        metrics["perplexity"] = perplexity(metrics["loss"])  # per answer token
     majority = majority_score(spec, [e.label for e in eval_splits[main_split]])
     at_majority = bool(majority) and abs(metrics[spec.main_metric] - majority[spec.main_metric]) < 1e-9
     record = {
@@ -388,7 +388,7 @@ def run_causal_lm(text_file: str | Path, method: str, seed: int, out_dir: str | 
     loss = float(raw["final_loss"])
     record = {
         "task": "causal-lm", "method": method, "seed": int(seed),
-        "metrics": {"loss": loss, "perplexity": float(math.exp(min(loss, 700)))}, "main_metric": "perplexity",
+        "metrics": {"loss": loss, "perplexity": perplexity(loss)}, "main_metric": "perplexity",
         "train_samples": len(train_ds), "eval_samples": len(eval_ds),
         **_common_record(ctx, trainer, train_model, timing, len(train_ds) * st["train"]["epochs"]),
     }
