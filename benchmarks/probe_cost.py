@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from measure import child_env, git_commit
+from trainer_vs_loop import trainer_vs_loop
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -181,6 +182,110 @@ def stability(glue_dir: str, task: str, probe: dict, max_length: int) -> dict:
     return result
 
 
+def _timed_signal(base_name: str):
+    """The registered signal ``base_name`` with its shared work and its rounds timed (``<name>-timed``)."""
+    from sadra.signals import SIGNALS, register_signal
+
+    base = SIGNALS[base_name]
+
+    class Timed(base):
+        name = f"{base_name}-timed"
+        clock = {"prepare": 0.0, "round": 0.0, "prepares": 0, "rounds": 0}
+
+        def prepare(self, *args, **kwargs):
+            start = time.perf_counter()
+            out = super().prepare(*args, **kwargs)
+            self.clock["prepare"] += time.perf_counter() - start
+            self.clock["prepares"] += 1
+            return out
+
+        def sample(self, *args, **kwargs):
+            start = time.perf_counter()
+            out = super().sample(*args, **kwargs)
+            self.clock["round"] += time.perf_counter() - start
+            self.clock["rounds"] += 1
+            return out
+
+    register_signal(Timed)
+    return Timed
+
+
+def hutchinson_pool(rows, mode: str, batch_size: int, num_batches: int, rounds: int, probe: dict, max_length: int,
+                    index: int) -> dict:
+    """One calibration of ``num_batches`` x ``rounds`` Hutchinson rounds, every sample kept, its pieces timed."""
+    from sadra.data import calibration_batches
+    from sadra.models import load_model
+    from sadra.probe import estimate_sensitivity
+
+    timed = _timed_signal("hutchinson")
+    timed.clock.update(prepare=0.0, round=0.0, prepares=0, rounds=0)
+    model, tokenizer = load_model("minilm", 2, seed=0)
+    batches = calibration_batches(rows, tokenizer, num_batches=num_batches, batch_size=batch_size, max_length=max_length,
+                                  seed=100 + index)
+    report = estimate_sensitivity(model, batches, estimator=timed.name, mode=mode, max_probes=num_batches * rounds,
+                                  min_probes=1, rtol=0, probes_per_batch=rounds, seed=index,
+                                  head_warmup_steps=probe["head_warmup_steps"], head_warmup_lr=probe["head_warmup_lr"])
+    clock = dict(timed.clock)
+    timing = {"prepare": clock["prepare"] / clock["prepares"], "round": clock["round"] / clock["rounds"],
+              "warmup": report.seconds - clock["prepare"] - clock["round"]}
+    return {"samples": report.samples, "batch_ids": report.sample_batches, "num_batches": num_batches, "timing": timing}
+
+
+def hutchinson_stability(glue_dir: str, task: str, probe: dict, max_length: int, pools: list[tuple],
+                         train_seconds: float | None, target: float) -> dict:
+    """The stability curve of both modes (batches x rounds per batch, two batch sizes) and its cheapest
+    setting that reaches ``target``; costs as a fraction of one LoRA training run when it is known."""
+    from sadra.data import load_glue
+    from stability_curve import cheapest, curve
+
+    rows = load_glue(task, "train", glue_dir)
+    points = []
+    for mode, batch_size, num_batches, rounds in pools:
+        a, b = (hutchinson_pool(rows, mode, batch_size, num_batches, rounds, probe, max_length, i) for i in (0, 1))
+        timing = {k: statistics.fmean((a["timing"][k], b["timing"][k])) for k in a["timing"]}
+        options = [r for r in (1, 2, 4, 8, 16) if r <= rounds]
+        points += [{"mode": mode, "batch_size": batch_size, **p} for p in curve(a, b, timing, train_seconds, options)]
+    best = cheapest(points, target)
+    chosen = best or max(points, key=lambda p: p["spearman"])
+    return {"hutchinson_curve": points, "hutchinson_setting": chosen, "hutchinson_target": target,
+            "hutchinson_target_reached": best is not None,
+            "hutchinson_spearman": chosen["spearman"], "hutchinson_calibration_over_training": chosen["over_training"]}
+
+
+def gradient_stability(glue_dir: str, task: str, probe: dict, max_length: int, train_seconds: float | None) -> dict:
+    """Two independent calibrations of the gradient signal at the default settings: cost, and how
+    alike the ``spectral`` rule's allocations are (at the budgets of uniform r=8 and r=2)."""
+    from sadra.allocate import allocate_ranks, uniform_budget
+    from sadra.data import calibration_batches, load_glue
+    from sadra.models import load_model
+    from sadra.probe import estimate_sensitivity
+    from stability_curve import spearman
+
+    rows = load_glue(task, "train", glue_dir)
+    reports = []
+    for i in (0, 1):
+        model, tokenizer = load_model("minilm", 2, seed=0)
+        batches = calibration_batches(rows, tokenizer, num_batches=probe["num_batches"], batch_size=probe["batch_size"],
+                                      max_length=max_length, seed=100 + i)
+        reports.append(estimate_sensitivity(
+            model, batches, estimator="gradient", max_probes=probe["max_probes"], min_probes=probe["min_probes"],
+            rtol=probe["rtol"], seed=i, head_warmup_steps=probe["head_warmup_steps"], head_warmup_lr=probe["head_warmup_lr"]))
+    out: dict = {}
+    for r, min_rank, prune in ((8, 2, False), (2, 1, True)):
+        allocs = [allocate_ranks(rep, rule="spectral", budget=uniform_budget(rep.shapes, r), min_rank=min_rank,
+                                 max_rank=32, prune=prune) for rep in reports]
+        ranks = [{n: float(a.ranks[n]) for n in reports[0].scores} for a in allocs]
+        same = sum(ranks[0][n] == ranks[1][n] for n in ranks[0]) / len(ranks[0])
+        rho = spearman(*ranks) if len(set(ranks[0].values())) > 1 and len(set(ranks[1].values())) > 1 else None
+        out[f"r{r}"] = {"spearman": rho, "same_rank_fraction": same, "ranks": [sorted(set(x.values())) for x in ranks]}
+    seconds = statistics.fmean(rep.seconds for rep in reports)
+    value = [{n: sum(rep.spectra[n]) for n in rep.scores} for rep in reports]
+    return {"gradient_spearman": out["r8"]["spearman"], "gradient_same_rank_fraction": out["r8"]["same_rank_fraction"],
+            "gradient_r2": out["r2"], "gradient_r8": out["r8"], "gradient_value_spearman": spearman(*value),
+            "gradient_calibration_seconds": seconds, "gradient_probes": [rep.probes for rep in reports],
+            "gradient_calibration_over_training": seconds / train_seconds if train_seconds else None}
+
+
 CHILD = r"""
 import json, sys, time
 mode, glue_dir, task, preset_name, out = sys.argv[1:6]
@@ -241,7 +346,21 @@ def calibration_vs_training(glue_dir: str, task: str, preset: str, tmp: Path) ->
     }
 
 
-def main() -> None:
+PARTS = ("training", "units", "stability", "hutchinson", "gradient", "loop")
+# (mode, batch size, batches, rounds per batch) of each Hutchinson pool: both modes, batches of 16
+# and of 4, each pool costing about one LoRA training run of the cpu preset.
+DEFAULT_POOLS = "per_module:16:32:2,per_module:4:64:1,joint:16:32:8,joint:4:64:8"
+
+
+def parse_pools(text: str) -> list[tuple]:
+    pools = []
+    for item in text.split(","):
+        mode, batch_size, batches, rounds = item.split(":")
+        pools.append((mode, int(batch_size), int(batches), int(rounds)))
+    return pools
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glue-dir", required=True)
     parser.add_argument("--task", default="sst2", help="task for the unit costs, stability and calibration vs training")
@@ -250,15 +369,24 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--probes-per-batch", type=int, default=4, help="Fisher probes sharing one forward (unit costs)")
-    parser.add_argument("--skip-training", action="store_true", help="skip the (minutes-long) LoRA training comparison")
-    parser.add_argument("--only", choices=["units", "stability", "training"], default=None, help="measure one part only")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=None,
+                        help="measure these parts only (the JSON keeps the other parts' figures)")
+    parser.add_argument("--pools", default=DEFAULT_POOLS, help="Hutchinson pools mode:batch_size:batches:rounds,...")
+    parser.add_argument("--target", type=float, default=0.95, help="the Spearman a Hutchinson setting must reach")
+    parser.add_argument("--loop-rows", type=int, default=1000, help="training rows of the Trainer-vs-loop runs")
+    parser.add_argument("--loop-repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", required=True)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     import inspect
+    import tempfile
 
     from sadra.config import RUN_DEFAULTS, load_benchmark_config
     from sadra.probe import estimate_sensitivity
@@ -272,30 +400,42 @@ def main() -> None:
                "torch": torch.__version__,
                "task": args.task, "default_estimator": probe["estimator"],
                "default_calibration": {**probe, "max_length": max_length}}
-    if args.only and Path(args.json).exists():  # measuring one part: keep the other parts' figures
+    if args.only and Path(args.json).exists():  # measuring some parts: keep the other parts' figures
         figures = {**json.loads(Path(args.json).read_text()), **figures}
-    parts = ["units", "stability"] + ([] if args.skip_training else ["training"]) if args.only is None else [args.only]
+    parts = list(args.only or PARTS)
     figures["measured"] = {**figures.get("measured", {}),
                            **{part: {"date": time.strftime("%Y-%m-%d"), "git_commit": git_commit()} for part in parts}}
-    if args.only in (None, "units"):
-        figures.update(unit_costs(args.glue_dir, args.task, args.batch_size, args.max_length, args.repeats,
-                                  args.probes_per_batch))
-        figures.update(warmup_replay(args.glue_dir, args.task, probe, max_length))
-    if args.only in (None, "stability"):
-        figures["stability"] = stability(args.glue_dir, args.task, probe, max_length)
-    if args.only == "training" or (args.only is None and not args.skip_training):
-        import tempfile
+    tmp = Path(tempfile.mkdtemp())
+    measures = {
+        "training": lambda: calibration_vs_training(args.glue_dir, args.task, args.preset, tmp),
+        "units": lambda: {**unit_costs(args.glue_dir, args.task, args.batch_size, args.max_length, args.repeats,
+                                       args.probes_per_batch), **warmup_replay(args.glue_dir, args.task, probe, max_length)},
+        "stability": lambda: {"stability": stability(args.glue_dir, args.task, probe, max_length)},
+        "hutchinson": lambda: hutchinson_stability(args.glue_dir, args.task, probe, max_length, parse_pools(args.pools),
+                                                   figures.get("lora_train_seconds"), args.target),
+        "gradient": lambda: gradient_stability(args.glue_dir, args.task, probe, max_length,
+                                               figures.get("lora_train_seconds")),
+        "loop": lambda: trainer_vs_loop(args.glue_dir, args.task, args.preset, args.loop_rows, args.loop_repeats, tmp),
+    }
+    for part in PARTS:  # training first: the later parts divide by its LoRA run
+        if part in parts:
+            figures.update(measures[part]())
+            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")  # each part survives a later failure
+    print_summary(figures)
 
-        figures.update(calibration_vs_training(args.glue_dir, args.task, args.preset, Path(tempfile.mkdtemp())))
-    Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"{'figure':32s} value")
+
+def print_summary(figures: dict) -> None:
+    print(f"{'figure':38s} value")
     for key, value in figures.items():
         if isinstance(value, float):
-            print(f"{key:32s} {value:.3f}")
+            print(f"{key:38s} {value:.4f}")
     for label, st in figures.get("stability", {}).items():
         print(f"stability {label:22s} spearman {st['spearman']:.3f} (same batches {st['spearman_same_batches']:.3f})  "
               f"same-rank {st['same_rank_fraction']:.2f}  "
               f"median rel. s.e. {st['median_relative_stderr']:.3f}  {st['seconds_per_calibration']:.1f} s")
+    for p in figures.get("hutchinson_curve", []):
+        print(f"hutchinson {p['mode']:10s} batch {p['batch_size']:2d} x {p['batches']:3d} batches x {p['rounds_per_batch']} rounds: "
+              f"spearman {p['spearman']:.3f}  {p['seconds']:.1f} s  ({p['over_training']} of a training run)")
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ def test_gradient_spectrum_equals_the_svd_of_the_mean_gradient(four_batches):
         assert report.spectra_raw[t] == pytest.approx(expected, rel=1e-9, abs=1e-15)
         assert report.spectra[t] == pytest.approx(signal_spectrum(g_a, g_b, 3), rel=1e-9, abs=1e-15)
         # The per-round samples are the Fisher trace, the same draws as the fisher signal's.
-        assert report.samples[t] == pytest.approx(fisher.samples[t], rel=1e-12)
+        # One pass: a round per batch (4 of the 6 allowed), the fisher signal's first 4 draws.
+        assert report.samples[t] == pytest.approx(fisher.samples[t][:4], rel=1e-12)
     assert set(report.spectrum_stability) == set(TARGETS)
-    assert report.sample_batches == [0, 1, 2, 3, 0, 1]
+    assert report.sample_batches == [0, 1, 2, 3] and report.probes == 4
 
 
 def test_gradient_signal_needs_two_batches(four_batches):

@@ -336,7 +336,8 @@ def estimate_sensitivity(
     batch (``None``: the signal's own default). The standard error treats batches as the unit
     (the spread of per-batch means); rounds on one batch only reduce that batch's noise. Stops
     once every module's ``stderr / |mean| <= rtol`` (after ``min_probes`` rounds, and after every
-    batch has been seen once) or at ``max_probes``, the bound.
+    batch has been seen once) or at ``max_probes``, the bound. A ``one_pass`` signal (``gradient``)
+    also stops after one pass over the batches.
 
     With ``head_warmup_steps > 0`` the task head is trained alone first and restored after.
     ``spectrum_rank`` is the number of singular values the ``gradient`` signal keeps per module.
@@ -347,6 +348,8 @@ def estimate_sensitivity(
     batches = list(batches)
     if not batches:
         raise DataError("no calibration batches; give at least one batch from the train split")
+    if signal.one_pass:  # the gradient signal: one pass over the batches
+        max_probes = min(max_probes, len(batches) * probes_per_batch)
     names = find_targets(model, targets)
     shapes = target_shapes(model, names)
     params = [model.get_submodule(n).weight for n in names]
@@ -384,6 +387,15 @@ def _check_probe_args(max_probes, min_probes, probes_per_batch, head_warmup_step
 class Calls:
     loss: LossFn
     logits: LogitsFn
+
+    def loss_and_logits(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The true-label loss and the logits: one forward for the Hugging Face defaults, else two calls."""
+        if self.loss is hf_loss and self.logits is hf_logits:
+            out = model(**batch)
+            if getattr(out, "loss", None) is None:
+                raise ModelError("the model returned no loss; include 'labels' in each batch or pass loss_fn")
+            return out.loss, out.logits
+        return self.loss(model, batch), self.logits(model, batch)
 
 
 def _run_rounds(model, batches, params, names, signal, calls, *, seed, max_probes, min_probes, rtol, probes_per_batch,

@@ -6,7 +6,9 @@ A signal implements three steps, and :func:`sadra.probe.estimate_sensitivity` do
 * ``prepare(model, batch, params, calls, b_idx, first_visit)``: the work a batch's rounds share
   (a forward pass, a first-order graph);
 * ``sample(shared, batch, params, generator, retain)``: one round, one number per module;
-* ``rounds_per_batch``: how many rounds share one batch by default.
+* ``rounds_per_batch``: how many rounds share one batch by default;
+* ``one_pass``: whether the signal stops once every batch has been visited (rounds on a batch
+  already seen would add nothing it uses).
 
 ``finish(names, shapes)`` may add fields to the report (the gradient signal's spectra).
 
@@ -44,6 +46,7 @@ class Signal:
     name: ClassVar[str] = ""
     options: ClassVar[tuple[str, ...]] = ()
     rounds_per_batch: int = 1
+    one_pass: ClassVar[bool] = False
 
     def prepare(self, model, batch, params, calls, b_idx: int, first_visit: bool) -> Any:
         raise NotImplementedError
@@ -180,14 +183,18 @@ class HutchinsonSignal(Signal):
 class GradientSignal(FisherSignal):
     """Mean-gradient spectrum per module, with the Fisher trace as each round's sample.
 
-    Batch b's mean gradient goes to half ``b % 2`` on its first visit; later rounds on it add
-    Fisher samples only. ``finish`` reports, per module, ``spectra`` (the signal part of
+    Batch b's mean gradient goes to half ``b % 2``; the true-label gradient and the round's Fisher
+    sample share the batch's forward. One pass over the batches (``one_pass``). ``finish`` reports, per module, ``spectra`` (the signal part of
     ``sigma_j(G)^2``, from the two halves), ``spectra_raw`` (``sigma_j(G)^2`` of the full mean,
     noise floor included) and how well the two halves agree.
     """
 
     name = "gradient"
     options = ("spectrum_rank",)
+    # A batch's mean gradient is taken on its first visit; revisits would only add Fisher samples
+    # on rows already seen, which do not shrink the between-batch error of the Fisher trace, so
+    # the signal makes one pass over its batches (more batches, not more rounds, buy precision).
+    one_pass = True
 
     def __init__(self, spectrum_rank: int = 33):
         if isinstance(spectrum_rank, bool) or not isinstance(spectrum_rank, int) or spectrum_rank < 1:
@@ -197,18 +204,20 @@ class GradientSignal(FisherSignal):
         self.counts = [0, 0]
 
     def prepare(self, model, batch, params, calls, b_idx, first_visit):
-        if first_visit:
-            loss = _finite_loss(calls.loss(model, batch), "loss", b_idx)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            if self.sums is None:
-                # At least float32, whatever the weights' dtype (bf16 sums lose the small directions).
-                self.sums = [[torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
-                             for _ in range(2)]
-            for acc, g in zip(self.sums[b_idx % 2], grads):
-                if g is not None:
-                    acc.add_(g.detach().to(acc.dtype))
-            self.counts[b_idx % 2] += 1
-        return super().prepare(model, batch, params, calls, b_idx, first_visit)
+        if not first_visit:
+            return super().prepare(model, batch, params, calls, b_idx, first_visit)
+        # The true-label gradient and the Fisher rounds share the batch's forward.
+        loss, logits = calls.loss_and_logits(model, batch)
+        grads = torch.autograd.grad(_finite_loss(loss, "loss", b_idx), params, retain_graph=True, allow_unused=True)
+        if self.sums is None:
+            # At least float32, whatever the weights' dtype (bf16 sums lose the small directions).
+            self.sums = [[torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+                         for _ in range(2)]
+        for acc, g in zip(self.sums[b_idx % 2], grads):
+            if g is not None:
+                acc.add_(g.detach().to(acc.dtype))
+        self.counts[b_idx % 2] += 1
+        return _finite_loss(logits, "logits", b_idx)
 
     def finish(self, names, shapes):
         sums, counts = self._pooled()
@@ -218,9 +227,7 @@ class GradientSignal(FisherSignal):
         spectra, raw, agreement = {}, {}, {}
         for i, name in enumerate(names):
             g_a, g_b = sums[0][i] / counts[0], sums[1][i] / counts[1]
-            g = (sums[0][i] + sums[1][i]) / (counts[0] + counts[1])
-            spectra[name] = signal_spectrum(g_a, g_b, self.spectrum_rank, counts[0], counts[1])
-            raw[name] = squared_singular_values(g)[: self.spectrum_rank].tolist()
+            spectra[name], raw[name] = signal_and_raw_spectrum(g_a, g_b, self.spectrum_rank, counts[0], counts[1])
             agreement[name] = half_agreement(g_a, g_b)
         self.sums = None
         return {"spectra": spectra, "spectra_raw": raw, "spectrum_stability": agreement}
@@ -240,6 +247,13 @@ class GradientSignal(FisherSignal):
 
 
 def signal_spectrum(g_a: torch.Tensor, g_b: torch.Tensor, k: int, n_a: int = 1, n_b: int = 1) -> list[float]:
+    """The signal part of the top ``k`` values ``sigma_j(G)^2`` of the pooled mean G (see
+    :func:`signal_and_raw_spectrum`)."""
+    return signal_and_raw_spectrum(g_a, g_b, k, n_a, n_b)[0]
+
+
+def signal_and_raw_spectrum(g_a: torch.Tensor, g_b: torch.Tensor, k: int, n_a: int = 1,
+                            n_b: int = 1) -> tuple[list[float], list[float]]:
     """The signal part of the top ``k`` values ``sigma_j(G)^2`` of the pooled mean G.
 
     ``G_a`` (mean of ``n_a`` batch gradients) and ``G_b`` (of ``n_b``) share the true mean M and
@@ -248,24 +262,32 @@ def signal_spectrum(g_a: torch.Tensor, g_b: torch.Tensor, k: int, n_a: int = 1, 
     ``G = (n_a G_a + n_b G_b) / (n_a + n_b)`` and none of M, so ``sigma_1(D)^2`` is where the noise
     floor of G's spectrum ends. The estimate is ``max(sigma_j(G)^2 - sigma_1(D)^2, 0)``: directions
     that noise alone explains are worth 0, and strong directions keep most of their value (the
-    subtraction shrinks them a little, which keeps their order).
+    subtraction shrinks them a little, which keeps their order). Returns that estimate and the raw
+    ``sigma_j(G)^2`` (noise floor included), from one eigen-decomposition of G.
     """
-    a, b = g_a.double(), g_b.double()
+    a, b = _at_least_float32(g_a), _at_least_float32(g_b)
     if a.ndim != 2 or a.shape != b.shape:
         raise DataError(f"signal_spectrum needs two matrices of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     total = n_a + n_b
     pooled = (n_a * a + n_b * b) / total
     difference = (a - b) * (math.sqrt(n_a * n_b) / total)
     floor = float(squared_singular_values(difference)[0])
-    return (squared_singular_values(pooled)[:k] - floor).clamp_min(0).tolist()
+    raw = squared_singular_values(pooled)[:k]
+    return (raw - floor).clamp_min(0).tolist(), raw.tolist()
 
 
 def squared_singular_values(m: torch.Tensor) -> torch.Tensor:
-    """``sigma_j(m)^2``, largest first, as the eigenvalues of the Gram matrix on the smaller side
-    (float64): several times faster than an SVD for the nearly low-rank matrices a mean gradient is."""
-    m = m.double()
+    """``sigma_j(m)^2``, largest first, as the eigenvalues of the Gram matrix on the smaller side:
+    several times faster than an SVD for the nearly low-rank matrices a mean gradient is. In the
+    matrix's own precision (at least float32): the values the rules use are the large ones, well
+    inside float32's relative precision, and float64 linear algebra runs at about half the speed."""
+    m = _at_least_float32(m)
     gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+
+
+def _at_least_float32(m: torch.Tensor) -> torch.Tensor:
+    return m.to(torch.promote_types(m.dtype, torch.float32))
 
 
 def half_agreement(g_a: torch.Tensor, g_b: torch.Tensor) -> float:
