@@ -10,6 +10,8 @@ batches, and the figure is the mean over chunk pairs (chunk ``c`` of one pool ag
 of the other), which steadies the small settings.
 
 The cost of a setting comes from the timed pieces of the pools: ``warm-up + b * prepare + b * r * round``.
+The setting chosen is the cheapest that reaches the target (:func:`cheapest`) or, when none does, the
+cheapest within a slack of the best point (:func:`knee`).
 """
 
 from __future__ import annotations
@@ -73,3 +75,9 @@ def cheapest(points: Sequence[Mapping[str, Any]], target: float) -> Mapping[str,
     """The cheapest point that reaches ``target``, or None."""
     good = [p for p in points if p["spearman"] >= target]
     return min(good, key=lambda p: p["seconds"]) if good else None
+
+
+def knee(points: Sequence[Mapping[str, Any]], slack: float) -> Mapping[str, Any]:
+    """The cheapest point within ``slack`` of the curve's best Spearman: where more spending stops paying."""
+    best = max(p["spearman"] for p in points)
+    return min((p for p in points if p["spearman"] >= best - slack), key=lambda p: p["seconds"])

@@ -32,8 +32,10 @@ if kind == "trainer":
     json.dump({"examples_per_second": rec["examples_per_second"], "seconds": rec["train_seconds"],
                "steps": rec["optimizer_steps"]}, open(out, "w"))
     sys.exit()
+import warnings
 from peft import get_peft_model
 from transformers import DataCollatorWithPadding, get_scheduler, set_seed
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 from sadra.adapt import uniform_lora_config
 from sadra.data import get_task, tokenize
 from sadra.models import find_targets, head_module_names, load_model

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
+from conftest import SMOKE_TASKS
 from sadra.config import load_benchmark_config
 
 METHODS = load_benchmark_config("smoke").methods
-CELLS = {(t, m) for t in ("sst2", "mrpc", "qnli") for m in METHODS}
+CELLS = {(t, m) for t in SMOKE_TASKS for m in METHODS}
 
 
 def test_every_cell_exactly_once_after_kill_and_rerun(smoke_out):
@@ -35,7 +36,7 @@ def test_records_carry_metrics_costs_and_provenance(smoke_out):
         assert r["head_params"] == 384 * 2 + 2
     assert set(records[("mrpc", "lora")]["metrics"]) == {"f1", "accuracy", "loss"}
     assert set(records[("sst2", "lora")]["metrics"]) == {"accuracy", "loss"}
-    for task in ("sst2", "mrpc", "qnli"):
+    for task in SMOKE_TASKS:
         lora = records[(task, "lora")]["adapter_params"]
         assert lora == 331_776
         assert records[(task, "lora-ga")]["adapter_params"] == lora
@@ -63,7 +64,7 @@ def test_run_folders_hold_config_probe_allocation_log_and_safetensors(smoke_out)
 
 def test_eva_and_adalora_ranks_differ_from_uniform(smoke_out):
     out, _, _ = smoke_out
-    for task in ("sst2", "mrpc", "qnli"):
+    for task in SMOKE_TASKS:
         eva = json.loads((out / task / "eva" / "seed0" / "allocation.json").read_text())["ranks"]
         assert len(eva) == 36 and set(eva.values()) != {8} and max(eva.values()) <= 16
         record = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()

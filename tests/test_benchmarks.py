@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from stability_curve import cheapest, curve, setting_spearman, sub_pool_scores  # noqa: E402
+from stability_curve import cheapest, curve, knee, setting_spearman, sub_pool_scores  # noqa: E402
 
 # Two modules, 4 batches x 2 rounds; round i on batch i // 2.
 POOL_A = {"samples": {"m1": [1, 3, 2, 2, 5, 7, 4, 4], "m2": [0, 2, 9, 9, 1, 1, 9, 6]},
@@ -48,6 +48,8 @@ def test_curve_costs_and_the_cheapest_point():
     assert all(p["spearman"] == pytest.approx(1.0) for p in points)  # a pool against itself
     assert cheapest(points, 0.95) is points[0]
     assert cheapest([{**p, "spearman": 0.5} for p in points], 0.95) is None
+    flat = [{"spearman": 0.9, "seconds": 10}, {"spearman": 0.85, "seconds": 4}, {"spearman": 0.7, "seconds": 1}]
+    assert knee(flat, 0.1) is flat[1] and knee(flat, 0.01) is flat[0]
 
 
 def run_script(args, env_extra=None, timeout=900):
@@ -59,8 +61,10 @@ def run_script(args, env_extra=None, timeout=900):
 @pytest.mark.slow
 def test_probe_cost_reports_the_stability_cost_and_loop_figures(glue_dir, tmp_path):
     out = tmp_path / "probe_cost.json"
+    # A part measured earlier (here: the LoRA run the costs are divided by) stays in the JSON.
+    out.write_text(json.dumps({"lora_train_seconds": 100.0, "measured": {"training": {"git_commit": "abc"}}}))
     proc = run_script([sys.executable, "benchmarks/probe_cost.py", "--glue-dir", str(glue_dir), "--preset", "smoke",
-                       "--only", "training", "hutchinson", "gradient", "loop", "--pools", "per_module:4:2:2,joint:4:2:2",
+                       "--only", "hutchinson", "gradient", "loop", "--pools", "per_module:4:2:2,joint:4:2:2",
                        "--loop-rows", "32", "--loop-repeats", "1", "--threads", "1", "--json", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     fig = json.loads(out.read_text())
@@ -73,7 +77,10 @@ def test_probe_cost_reports_the_stability_cost_and_loop_figures(glue_dir, tmp_pa
     assert len(fig["hutchinson_curve"]) == 8 and fig["hutchinson_setting"] in fig["hutchinson_curve"]
     assert {p["mode"] for p in fig["hutchinson_curve"]} == {"per_module", "joint"}
     assert all(p["seconds"] > 0 for p in fig["hutchinson_curve"])
-    assert set(fig["measured"]) == {"training", "hutchinson", "gradient", "loop"}
+    assert set(fig["measured"]) == {"training", "hutchinson", "gradient", "loop"} and fig["lora_train_seconds"] == 100.0
+    point = fig["hutchinson_setting"]
+    assert fig["hutchinson_calibration_over_training"] == pytest.approx(point["seconds"] / 100.0, abs=1e-4)
+    assert fig["gradient_calibration_over_training"] == pytest.approx(fig["gradient_calibration_seconds"] / 100.0)
     assert "hutchinson" in proc.stdout
 
 

@@ -5,7 +5,7 @@ import re
 import shutil
 
 
-from conftest import assert_one_line_error, run_cli
+from conftest import SMOKE_TASKS, assert_one_line_error, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -22,7 +22,7 @@ def assert_valid_png(path):
 
 def test_benchmark_writes_every_figure_and_a_report_that_embeds_them(smoke_out):
     out, _, _ = smoke_out
-    expected = ["metrics.png"] + [f"{kind}_{task}.png" for task in ("sst2", "mrpc", "qnli")
+    expected = ["metrics.png"] + [f"{kind}_{task}.png" for task in SMOKE_TASKS
                                   for kind in ("loss", "ranks", "sensitivity")]
     for name in expected:
         assert_valid_png(out / name)
@@ -40,18 +40,18 @@ def test_report_on_partial_output_says_what_is_missing(smoke_out, tmp_path):
     for png in partial.glob("*.png"):
         png.unlink()
     lines = (partial / "results.jsonl").read_text().splitlines()
-    kept = [line for line in lines if json.loads(line)["task"] != "qnli" and json.loads(line)["method"] != "eva"]
+    kept = [line for line in lines if json.loads(line)["task"] != "mrpc" and json.loads(line)["method"] != "eva"]
     (partial / "results.jsonl").write_text("\n".join(kept) + "\n" + lines[-1][:40])  # and a torn last line
-    shutil.rmtree(partial / "qnli" / "lora")
-    (partial / "qnli" / "sadra" / "seed0" / "metrics.json").unlink()
+    shutil.rmtree(partial / "mrpc" / "lora")
+    (partial / "mrpc" / "sadra" / "seed0" / "metrics.json").unlink()
     proc = run_cli("report", partial)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = (partial / "report.md").read_text()
-    assert "- qnli / lora / seed 0: not started" in report
-    assert "- qnli / sadra / seed 0: started, unfinished" in report
-    assert "- mrpc / eva / seed 0: finished but not recorded" in report
-    assert_valid_png(partial / "loss_mrpc.png")
-    assert not (partial / "loss_qnli.png").exists()  # no finished qnli run: no qnli figure, and no crash
+    assert "- mrpc / lora / seed 0: not started" in report
+    assert "- mrpc / sadra / seed 0: started, unfinished" in report
+    assert "- sst2 / eva / seed 0: finished but not recorded" in report
+    assert_valid_png(partial / "loss_sst2.png")
+    assert not (partial / "loss_mrpc.png").exists()  # no finished mrpc run: no mrpc figure, and no crash
 
 
 def test_allocate_plot_writes_a_heatmap(smoke_out, tmp_path):
