@@ -81,3 +81,45 @@ def knee(points: Sequence[Mapping[str, Any]], slack: float) -> Mapping[str, Any]
     """The cheapest point within ``slack`` of the curve's best Spearman: where more spending stops paying."""
     best = max(p["spearman"] for p in points)
     return min((p for p in points if p["spearman"] >= best - slack), key=lambda p: p["seconds"])
+
+
+def plot_curve(points: Sequence[Mapping[str, Any]], chosen: Mapping[str, Any] | None, target: float, path: str) -> None:
+    """Spearman against cost (fraction of a training run), one line per mode x batch size x rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    series: dict[tuple, list] = {}
+    for p in points:
+        series.setdefault((p["mode"], p["batch_size"], p["rounds_per_batch"]), []).append(p)
+    for (mode, batch_size, rounds), pts in sorted(series.items()):
+        pts = sorted(pts, key=lambda p: p["over_training"])
+        ax.plot([p["over_training"] for p in pts], [p["spearman"] for p in pts], marker="o" if mode == "per_module" else "s",
+                linestyle="-" if batch_size == 4 else "--", alpha=0.4 + 0.6 * (rounds == 1),
+                label=f"{mode}, batch {batch_size}, {rounds} round{'s' if rounds > 1 else ''}/batch")
+    ax.axhline(target, color="black", linewidth=0.8, linestyle=":")
+    ax.axvline(0.05, color="grey", linewidth=0.8, linestyle=":")
+    if chosen:
+        ax.scatter([chosen["over_training"]], [chosen["spearman"]], s=160, facecolors="none", edgecolors="red", zorder=5)
+    ax.set_xscale("log")
+    ax.set_xlabel("calibration time / one LoRA training run (cpu preset)")
+    ax.set_ylabel("Spearman, two independent calibrations")
+    ax.set_title("Hutchinson's module ranking: stability against cost")
+    ax.legend(fontsize=6.5, ncol=2, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Plot the Hutchinson stability curve of a probe_cost.py JSON.")
+    parser.add_argument("json")
+    parser.add_argument("--plot", required=True)
+    args = parser.parse_args()
+    figures = json.loads(open(args.json).read())
+    plot_curve(figures["hutchinson_curve"], figures.get("hutchinson_setting"), figures["hutchinson_target"], args.plot)
