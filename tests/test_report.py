@@ -22,7 +22,7 @@ def assert_valid_png(path):
 
 def test_benchmark_writes_every_figure_and_a_report_that_embeds_them(smoke_out):
     out, _, _ = smoke_out
-    expected = ["metrics.png"] + [f"{kind}_{task}.png" for task in SMOKE_TASKS
+    expected = ["metrics.png", "forest.png"] + [f"{kind}_{task}.png" for task in SMOKE_TASKS
                                   for kind in ("loss", "ranks", "sensitivity")]
     for name in expected:
         assert_valid_png(out / name)

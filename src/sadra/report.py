@@ -270,6 +270,51 @@ def _metrics_plot(records: list[dict], methods: list[str], out: Path) -> Path | 
     return out
 
 
+def _forest_plot(records: list[dict], methods: list[str], out: Path) -> Path | None:
+    """Each method minus LoRA on the main metric, paired by seed: mean and 95% CI, one panel per task."""
+    from .data import get_task
+    from .results import REFERENCE, paired_stats
+
+    tasks = [t for t in dict.fromkeys(r["task"] for r in records)
+             if any(r["task"] == t and r["method"] == REFERENCE for r in records)]
+    others = [m for m in methods if m != REFERENCE and any(r["method"] == m for r in records)]
+    if not tasks or not others:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 0.45 * len(others) + 1.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric = get_task(task).main_metric
+
+        def by_seed(method):
+            return {int(r["seed"]): 100 * r["metrics"][metric] for r in records
+                    if r["task"] == task and r["method"] == method and metric in r.get("metrics", {})}
+
+        ref = by_seed(REFERENCE)
+        for y, m in enumerate(others):
+            stat = paired_stats(by_seed(m), ref)
+            if stat is None:
+                continue
+            color = PALETTE.get(m, "#777777")
+            if stat["n"] >= 2:
+                ax.errorbar([stat["mean"]], [y], xerr=[[stat["mean"] - stat["ci_low"]], [stat["ci_high"] - stat["mean"]]],
+                            fmt="o", color=color, capsize=3, ms=6)
+            else:  # one seed: a point without an interval (hollow)
+                ax.plot([stat["mean"]], [y], "o", mfc="none", color=color, ms=6)
+            ax.annotate(f"n={stat['n']}", (stat["mean"], y), textcoords="offset points", xytext=(0, 6), fontsize=6,
+                        ha="center")
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(others)), others, fontsize=7)
+        ax.set_ylim(len(others) - 0.5, -0.5)
+        ax.set_xlabel(f"{metric} x100 minus {REFERENCE} (paired by seed)")
+        ax.set_title(task)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Paired difference to LoRA: mean and 95% CI over seeds (hollow: one seed, no interval)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def _missing(folder: Path, records: list[dict]) -> list[str]:
     """Grid cells without a result line, saying whether their run started."""
     config = _load_json(folder / "benchmark_config.json") or {}
@@ -320,6 +365,9 @@ def write_report(folder: str | Path) -> Path:
     metrics_png = _metrics_plot(records, methods, folder / "metrics.png")
     if metrics_png:
         figures.append(("Main metric per task and method", metrics_png))
+    forest_png = _forest_plot(records, methods, folder / "forest.png")
+    if forest_png:
+        figures.append(("Paired difference to LoRA per task (95% CI)", forest_png))
     for task in tasks:
         per_method = {m: sorted(seeds.get((task, m), [])) for m in methods}
         loss = _loss_curves(folder, task, methods, per_method, folder / f"loss_{task}.png")
