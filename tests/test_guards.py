@@ -3,6 +3,9 @@ malformed rows, reports on odd records, output paths checked before work."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -48,6 +51,49 @@ def test_a_cell_past_its_time_limit_is_killed_recorded_and_retried_once(tmp_path
 
 
 @pytest.mark.timeout(1200)
+def _children(pid):
+    proc = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in proc.stdout.split()]
+
+
+@pytest.mark.timeout(1200)
+def test_workers_run_cells_at_once_each_recorded_once_and_a_killed_cell_runs_again(tmp_path, glue_dir):
+    out = tmp_path / "w"
+    methods = ("lora", "random", "sadra", "lora-ga")
+    args = ["benchmark", "--preset", "smoke", "--tasks", "mrpc", "--methods", *methods, "--out", str(out), "--quiet",
+            "--workers", "2", *[t.replace("threads=2", "threads=1") for t in TINY]]
+    cmd = [sys.executable, "-m", "sadra", *args]
+    env = dict(os.environ, SADRA_GLUE_DIR=str(glue_dir))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    most, killed, deadline = 0, None, time.time() + 600
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            kids = _children(proc.pid)
+            most = max(most, len(kids))
+            if killed is None and len(kids) == 2:
+                time.sleep(2)  # inside the cell's work
+                kids = _children(proc.pid)
+                if kids:
+                    killed = kids[0]
+                    os.kill(killed, signal.SIGKILL)
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        stderr = proc.communicate()[1]
+    assert most == 2 and killed is not None, stderr[-2000:]
+    assert proc.returncode == 1, stderr[-2000:]  # one cell failed (the killed one), the others finished
+    failed = lines(out / "failures.jsonl")
+    assert len(failed) == 1 and len(lines(out / "results.jsonl")) == 3
+    rerun = run_cli(*args, env={"SADRA_GLUE_DIR": str(glue_dir)}, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    keys = [(r["task"], r["method"], r["seed"]) for r in lines(out / "results.jsonl")]
+    assert sorted(keys) == sorted(("mrpc", m, 0) for m in methods)  # each cell exactly once
+    assert (failed[0]["method"], failed[0]["seed"]) in {(m, s) for _, m, s in keys}
+    assert lines(out / "failures.jsonl") == []  # the retried cell's failure is forgotten
+
+
 def test_rerun_with_other_settings_refuses_unless_a_new_series(tmp_path, glue_dir):
     out = tmp_path / "b"
     assert bench(out, glue_dir, methods=("lora",)).returncode == 0

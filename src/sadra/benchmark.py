@@ -85,8 +85,11 @@ class _Cell:
 
 
 def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = True, report: bool = True,
-                  retry_failed: bool = True) -> list[dict[str, Any]]:
-    """Run every missing cell of the grid; returns all records in ``out/results.jsonl``."""
+                  retry_failed: bool = True, workers: int = 1) -> list[dict[str, Any]]:
+    """Run every missing cell of the grid; returns all records in ``out/results.jsonl``.
+
+    ``workers > 1`` runs that many cell processes at once (each claims the next cell; give each
+    fewer threads with ``train.threads``)."""
     from tqdm.auto import tqdm
 
     from .data import check_glue_folder
@@ -102,24 +105,69 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = Tru
     if main:
         write_json(out / "benchmark_config.json", cfg.to_dict())
     commit = git_commit()
-    bar = tqdm(cells, desc="benchmark", unit="run", disable=not (progress and main))
-    for cell in bar:
-        bar.set_postfix_str(cell.name)
-        if cell.key in done or not _should_run(cell, out, retry_failed):
-            continue
-        record = _run_in_process(cell, cfg, progress and main) if distributed else _run_cell(cell, cfg, out, progress)
-        if record is None:
-            continue
-        record.update(preset=cfg.name, git_commit=commit, sadra_version=__version__, method=cell.method,
-                      base_method=cell.base_method, settings_hash=cell.hash)
-        if main:
-            append_jsonl(out / "results.jsonl", record)
-            _forget_failures(out, cell)
-        done.add(cell.key)
+    if workers > 1 and not distributed:
+        _run_workers([c for c in cells if c.key not in done and _should_run(c, out, retry_failed)], cfg, out,
+                     workers, commit, done)
+    else:
+        bar = tqdm(cells, desc="benchmark", unit="run", disable=not (progress and main))
+        for cell in bar:
+            bar.set_postfix_str(cell.name)
+            if cell.key in done or not _should_run(cell, out, retry_failed):
+                continue
+            record = _run_in_process(cell, cfg, progress and main) if distributed else _run_cell(cell, cfg, out, progress)
+            if record is not None:
+                _record(cell, record, cfg, out, commit, done, write=main)
     records = read_jsonl(out / "results.jsonl")
     if main:
         _write_outputs(out, records, cfg, report)
     return records
+
+
+# One lock for the grid's shared files (results.jsonl, failures.jsonl) when workers run cells at once.
+_FILES = threading.Lock()
+
+
+def _record(cell: _Cell, record: dict[str, Any], cfg: BenchmarkConfig, out: Path, commit: str | None,
+            done: set, write: bool = True) -> None:
+    """Append a finished cell's record once: under the lock, and only if no worker recorded it yet."""
+    record.update(preset=cfg.name, git_commit=commit, sadra_version=__version__, method=cell.method,
+                  base_method=cell.base_method, settings_hash=cell.hash)
+    with _FILES:
+        if cell.key in done:
+            return
+        if write:
+            append_jsonl(out / "results.jsonl", record)
+            _forget_failures(out, cell)
+        done.add(cell.key)
+
+
+def _run_workers(cells: list[_Cell], cfg: BenchmarkConfig, out: Path, workers: int, commit: str | None,
+                 done: set) -> None:
+    """``workers`` threads, each running one cell process at a time; a cell is claimed by taking it
+    from the shared queue, so no two workers run the same cell. Cell output goes to each cell.log."""
+    import queue
+
+    todo: queue.Queue = queue.Queue()
+    for cell in cells:
+        todo.put(cell)
+
+    def work():
+        while True:
+            try:
+                cell = todo.get_nowait()
+            except queue.Empty:
+                return
+            print(f"sadra: {cell.name} started", file=sys.stderr)
+            record = _run_cell(cell, cfg, out, progress=False, echo=False)
+            if record is not None:
+                _record(cell, record, cfg, out, commit, done)
+                print(f"sadra: {cell.name} finished", file=sys.stderr)
+
+    threads = [threading.Thread(target=work, name=f"worker-{i}") for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def _check_same_settings(cells: list[_Cell], out: Path) -> set[tuple[str, str, int]]:
@@ -208,7 +256,7 @@ def _run_in_process(cell: _Cell, cfg: BenchmarkConfig, progress: bool) -> dict[s
     return record
 
 
-def _run_cell(cell: _Cell, cfg: BenchmarkConfig, out: Path, progress: bool) -> dict[str, Any] | None:
+def _run_cell(cell: _Cell, cfg: BenchmarkConfig, out: Path, progress: bool, echo: bool = True) -> dict[str, Any] | None:
     """One cell in a child process under its wall-clock limit; None (and a failures.jsonl line) if it fails."""
     record = _finished_record(cell.folder)
     if record is not None:
@@ -220,21 +268,22 @@ def _run_cell(cell: _Cell, cfg: BenchmarkConfig, out: Path, progress: bool) -> d
            "--preset-name", cfg.name] + ([] if progress else ["--quiet"])
     limit = cell.settings["cell_timeout"] or derived_cell_timeout(cell.settings, _train_rows(cell))
     started = time.time()
-    code, tail = _run_with_limit(cmd, limit, cell.folder / "cell.log")
+    code, tail = _run_with_limit(cmd, limit, cell.folder / "cell.log", echo)
     record = _finished_record(cell.folder) if code == 0 else None
     if record is not None:
         record["wall_seconds"] = round(time.time() - started, 1)
         return record
     reason = (f"killed after its {limit} s limit (cell_timeout)" if code is None
               else f"exit {code}: {tail or 'no output'}" if code != 0 else "ended without metrics.json")
-    append_jsonl(out / "failures.jsonl", {"task": cell.task, "method": cell.method, "seed": cell.seed,
-                                          "settings_hash": cell.hash, "reason": reason, "cell_timeout": limit,
-                                          "wall_seconds": round(time.time() - started, 1), "time": time.time()})
+    with _FILES:
+        append_jsonl(out / "failures.jsonl", {"task": cell.task, "method": cell.method, "seed": cell.seed,
+                                              "settings_hash": cell.hash, "reason": reason, "cell_timeout": limit,
+                                              "wall_seconds": round(time.time() - started, 1), "time": time.time()})
     print(f"sadra: {cell.name} failed ({reason}); recorded in {out / 'failures.jsonl'}, going on", file=sys.stderr)
     return None
 
 
-def _run_with_limit(cmd: list[str], limit: float, log_path: Path) -> tuple[int | None, str]:
+def _run_with_limit(cmd: list[str], limit: float, log_path: Path, echo: bool = True) -> tuple[int | None, str]:
     """Run ``cmd``, echoing its output and keeping it in ``log_path``; kill it past ``limit`` seconds.
 
     Returns (exit code or None if killed, its last error line). The child stays in this process
@@ -246,7 +295,8 @@ def _run_with_limit(cmd: list[str], limit: float, log_path: Path) -> tuple[int |
 
         def pump():
             for line in proc.stdout:
-                sys.stdout.write(line)
+                if echo:
+                    sys.stdout.write(line)
                 log.write(line)
                 log.flush()  # the log is what a person watching a long cell reads
                 tail.append(line.rstrip())

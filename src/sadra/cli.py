@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a separate series in OUT/SERIES (settings may differ from OUT's finished cells)")
     b.add_argument("--no-retry-failed", action="store_true",
                    help="skip cells recorded in failures.jsonl (by default a failed cell is retried once)")
+    b.add_argument("--workers", type=_positive_int, default=1,
+                   help="cell processes run at once, each claiming the next cell (give each fewer threads: train.threads=1)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.epochs=2 per_method.full.train.learning_rate=5e-5")
 
@@ -332,7 +334,8 @@ def cmd_benchmark(args) -> int:
     from .distributed import is_main_process
     from .io import read_jsonl
 
-    records = run_benchmark(cfg, out, progress=not args.quiet, retry_failed=not args.no_retry_failed)
+    records = run_benchmark(cfg, out, progress=not args.quiet, retry_failed=not args.no_retry_failed,
+                            workers=args.workers)
     if not is_main_process():
         return 0
     print((out / "results.md").read_text())

@@ -78,7 +78,8 @@ class ProbeSettings:
                         choices=("per_module", "joint"))
     num_batches: int = setting(4, "calibration batches drawn from the train split", check="positive")
     batch_size: int = setting(16, "rows per calibration batch", check="positive")
-    max_probes: int = setting(16, "the most probe rounds (one sample per module each): the bound on the stopping rule",
+    max_probes: int = setting(16, "the most probe rounds (one sample per module each): the bound on the stopping rule "
+                              "(the gradient signal makes one pass over its batches, so at most num_batches)",
                               check="positive")
     min_probes: int = setting(3, "rounds before the stopping rule may stop", check="positive")
     rtol: float = setting(0.1, "stop once every module's standard error / |mean| <= rtol (0: always max_probes)",
