@@ -9,6 +9,8 @@ in both), and the grid goes on. Rerunning the same command skips finished cells,
 unfinished ones from their last checkpoint and retries a failed cell once (``retry_failed``).
 A rerun whose settings differ from those a finished cell ran with stops with an error: the
 old and new cells would not be comparable. Use a new ``--out`` or ``--series NAME`` for that.
+With ``workers > 1`` that many cells run at once, each worker taking the next cell from one queue;
+the shared files are written under one lock, and a record is appended only once per cell.
 """
 
 from __future__ import annotations
