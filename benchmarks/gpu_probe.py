@@ -25,14 +25,12 @@ import json
 import math
 import os
 import platform
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from measure import git_commit
+from measure import forward_over_reverse_hvps, git_commit, median_seconds
 
 SIZES = {  # max length, timed repeats, LoRA steps timed, probe settings over the paper preset's
     "full": {"max_length": 128, "repeats": 5, "lora_steps": 30, "probe": None},
@@ -40,23 +38,6 @@ SIZES = {  # max length, timed repeats, LoRA steps timed, probe settings over th
             "probe": {"num_batches": 2, "batch_size": 4, "max_probes": 2, "min_probes": 1, "head_warmup_steps": 2}},
 }
 SST2_TRAIN_ROWS, PAPER_EPOCHS = 67_349, 3
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` after one warm-up call, synchronised on the device."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def model_and_batches(name: str, glue_dir: str, max_length: int, num_batches: int, batch_size: int,
@@ -80,8 +61,6 @@ def model_and_batches(name: str, glue_dir: str, max_length: int, num_batches: in
 
 
 def unit_ratios(model, batch, device: torch.device, repeats: int) -> dict:
-    from torch.func import functional_call, grad, jvp
-
     from sadra.models import find_targets
     from sadra.probe import Calls, hf_logits, hf_loss, make_signal, probe_state
 
@@ -100,20 +79,15 @@ def unit_ratios(model, batch, device: torch.device, repeats: int) -> dict:
         def fisher_round():
             fisher.sample(fisher.prepare(model, batch, params, calls, 0, first_visit=True), batch, params, gen, retain=False)
 
-        hvp = timed(hvp_round, device, repeats) / k
-        fisher_seconds = timed(fisher_round, device, repeats)
+        hvp = median_seconds(hvp_round, repeats, device) / k
+        fisher_seconds = median_seconds(fisher_round, repeats, device)
     for p in params:  # the same parameters, outside the probe's math-kernel context
         p.requires_grad_(True)
-    grad_seconds = timed(lambda: torch.autograd.grad(hf_loss(model, batch), params), device, repeats)
-    weights = [n + ".weight" for n in names]
-    vs = tuple(torch.randint(0, 2, p.shape, generator=gen).to(p.device, p.dtype).mul_(2).sub_(1) for p in params)
-
-    def loss_of(*w):
-        return hf_loss(lambda **kw: functional_call(model, dict(zip(weights, w)), (), kw), batch)
-
+    grad_seconds = median_seconds(lambda: torch.autograd.grad(hf_loss(model, batch), params), repeats, device)
+    vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.device, p.dtype).mul_(2).sub_(1) for p in params]
     try:
-        fwd_rev = timed(lambda: jvp(grad(loss_of, argnums=tuple(range(len(params)))), tuple(p.detach() for p in params), vs),
-                        device, repeats) / grad_seconds
+        fwd_rev = median_seconds(lambda: forward_over_reverse_hvps(model, names, params, batch, vs), repeats,
+                                 device) / grad_seconds
     except Exception as err:  # a kernel without a forward-mode derivative: record why
         fwd_rev = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     out.update(grad_seconds=grad_seconds, hvp_over_grad_math=hvp / grad_seconds,
@@ -137,7 +111,7 @@ def lora_step_seconds(model, batches, device: torch.device, steps: int) -> float
         opt.zero_grad(set_to_none=True)
         state["i"] += 1
 
-    return timed(lambda: [step() for _ in range(steps)], device, 1) / steps
+    return median_seconds(lambda: [step() for _ in range(steps)], 1, device) / steps
 
 
 def measure_model(name: str, glue_dir: str, size: dict, device: torch.device) -> dict:

@@ -1,4 +1,5 @@
-"""What both benchmark scripts record about a run: the commit, and a process's own memory peak.
+"""What the benchmark scripts share: the commit, a process's own memory peak, timing, the
+forward-over-reverse HvP.
 
 The measuring children import this file (the scripts put this folder on their PYTHONPATH).
 """
@@ -35,3 +36,41 @@ def child_env() -> dict[str, str]:
     """The environment for a measuring child: this folder importable."""
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": str(HERE) + (os.pathsep + path if path else "")}
+
+
+def median_seconds(fn, repeats: int, device=None) -> float:
+    """Median seconds of ``fn`` after one warm-up call; on a CUDA ``device`` each time is synchronised."""
+    import statistics
+    import time
+
+    import torch
+
+    def sync():
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_over_reverse_hvps(model, names, params, batch, vectors):
+    """``H v`` for every target weight at once as ``torch.func.jvp`` of the gradient function (no
+    double backward): the alternative to the library's HvP that the benchmarks time."""
+    from torch.func import functional_call, grad, jvp
+
+    from sadra.probe import hf_loss
+
+    weights = [n + ".weight" for n in names]
+
+    def loss_of(*w):
+        return hf_loss(lambda **kw: functional_call(model, dict(zip(weights, w)), (), kw), batch)
+
+    _, hvps = jvp(grad(loss_of, argnums=tuple(range(len(params)))), tuple(p.detach() for p in params), tuple(vectors))
+    return hvps

@@ -42,18 +42,8 @@ from pathlib import Path
 
 import torch
 
-from measure import child_env, git_commit
+from measure import child_env, forward_over_reverse_hvps, git_commit, median_seconds
 from trainer_vs_loop import trainer_vs_loop
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repeats: int, probes_per_batch: int) -> dict:
@@ -89,15 +79,8 @@ def unit_costs(glue_dir: str, task: str, batch_size: int, max_length: int, repea
             return [(v * hv).sum() for v, hv in zip(vs, hvs)]
 
         def forward_over_reverse():  # alternative: jvp of the gradient function (no create_graph)
-            from torch.func import functional_call, grad, jvp
-
-            names_w = [n + ".weight" for n in names]
-            vs = tuple(torch.randint(0, 2, p.shape, generator=gen).to(p.dtype).mul_(2).sub_(1) for p in params)
-
-            def loss_of(*weights):
-                return hf_loss(lambda **kw: functional_call(model, dict(zip(names_w, weights)), (), kw), batch)
-
-            _, hvs = jvp(grad(loss_of, argnums=tuple(range(len(params)))), tuple(p.detach() for p in params), vs)
+            vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype).mul_(2).sub_(1) for p in params]
+            hvs = forward_over_reverse_hvps(model, names, params, batch, vs)
             return [torch.dot(v.reshape(-1), hv.reshape(-1)) for v, hv in zip(vs, hvs)]
 
         def per_module():
@@ -141,41 +124,43 @@ def warmup_replay(glue_dir: str, task: str, probe: dict, max_length: int) -> dic
     return {"head_warmup_seconds": seconds, "head_warmup_replay_speedup": seconds["every_step"] / seconds["replayed"]}
 
 
-def stability(glue_dir: str, task: str, probe: dict, max_length: int) -> dict:
-    from scipy.stats import spearmanr
-
-    from sadra.allocate import allocate_ranks
-    from sadra.data import calibration_batches, load_glue
+def calibrate(rows, probe: dict, max_length: int, *, batch_seed: int, seed: int, **options):
+    """One calibration of a fresh MiniLM (the same head init every time) on ``probe``'s batches drawn
+    with ``batch_seed``; ``options`` override ``probe``'s settings (``num_batches``, ``estimator``, ...)."""
+    from sadra.data import calibration_batches
     from sadra.models import load_model
     from sadra.probe import estimate_sensitivity
 
+    pr = {**probe, **options}
+    model, tokenizer = load_model("minilm", 2, seed=0)
+    batches = calibration_batches(rows, tokenizer, num_batches=pr["num_batches"], batch_size=pr["batch_size"],
+                                  max_length=max_length, seed=batch_seed)
+    return estimate_sensitivity(
+        model, batches, estimator=pr["estimator"], mode=pr["mode"], max_probes=pr["max_probes"],
+        min_probes=pr["min_probes"], rtol=pr["rtol"], probes_per_batch=pr["probes_per_batch"], seed=seed,
+        head_warmup_steps=pr["head_warmup_steps"], head_warmup_lr=pr["head_warmup_lr"])
+
+
+def stability(glue_dir: str, task: str, probe: dict, max_length: int) -> dict:
+    from sadra.allocate import allocate_ranks
+    from sadra.data import load_glue
+    from stability_curve import spearman
+
     rows = load_glue(task, "train", glue_dir)
-
-    def calibrate(estimator, mode, batch_seed, probe_seed):
-        model, tokenizer = load_model("minilm", 2, seed=0)  # the same head init every time
-        batches = calibration_batches(rows, tokenizer, num_batches=probe["num_batches"], batch_size=probe["batch_size"],
-                                      max_length=max_length, seed=batch_seed)
-        return estimate_sensitivity(
-            model, batches, estimator=estimator, mode=mode, max_probes=probe["max_probes"], min_probes=probe["min_probes"],
-            rtol=probe["rtol"], probes_per_batch=probe["probes_per_batch"], seed=probe_seed,
-            head_warmup_steps=probe["head_warmup_steps"], head_warmup_lr=probe["head_warmup_lr"])
-
-    def spearman(a, b):
-        names = list(a.scores)
-        return float(spearmanr([a.scores[n] for n in names], [b.scores[n] for n in names])[0])
 
     result = {}
     for label, estimator, mode in (("fisher", "fisher", "per_module"), ("hutchinson_per_module", "hutchinson", "per_module"),
                                    ("hutchinson_joint", "hutchinson", "joint")):
-        first = calibrate(estimator, mode, batch_seed=100, probe_seed=0)
-        other = calibrate(estimator, mode, batch_seed=101, probe_seed=1)  # the independent calibration
-        same_batches = calibrate(estimator, mode, batch_seed=100, probe_seed=1)  # only the random draws differ
+        first = calibrate(rows, probe, max_length, batch_seed=100, seed=0, estimator=estimator, mode=mode)
+        # the independent calibration, and one where only the random draws differ
+        other = calibrate(rows, probe, max_length, batch_seed=101, seed=1, estimator=estimator, mode=mode)
+        same_batches = calibrate(rows, probe, max_length, batch_seed=100, seed=1, estimator=estimator, mode=mode)
         reports = [first, other]
         allocs = [allocate_ranks(r, min_rank=2, max_rank=32) for r in reports]
         same = sum(allocs[0].ranks[n] == allocs[1].ranks[n] for n in first.scores) / len(first.scores)
         rel = sorted(r for rep in reports for r in rep.relative_stderr.values())
-        result[label] = {"spearman": spearman(first, other), "same_rank_fraction": same,
-                         "spearman_same_batches": spearman(first, same_batches),
+        result[label] = {"spearman": spearman(first.scores, other.scores), "same_rank_fraction": same,
+                         "spearman_same_batches": spearman(first.scores, same_batches.scores),
                          "probes": [r.probes for r in reports],
                          "seconds_per_calibration": statistics.mean(r.seconds for r in reports),
                          "median_relative_stderr": rel[len(rel) // 2]}
@@ -192,19 +177,18 @@ def _timed_signal(base_name: str):
         name = f"{base_name}-timed"
         clock = {"prepare": 0.0, "round": 0.0, "prepares": 0, "rounds": 0}
 
-        def prepare(self, *args, **kwargs):
+        def _clocked(self, piece: str, call, *args, **kwargs):
             start = time.perf_counter()
-            out = super().prepare(*args, **kwargs)
-            self.clock["prepare"] += time.perf_counter() - start
-            self.clock["prepares"] += 1
+            out = call(*args, **kwargs)
+            self.clock[piece] += time.perf_counter() - start
+            self.clock[piece + "s"] += 1
             return out
 
+        def prepare(self, *args, **kwargs):
+            return self._clocked("prepare", super().prepare, *args, **kwargs)
+
         def sample(self, *args, **kwargs):
-            start = time.perf_counter()
-            out = super().sample(*args, **kwargs)
-            self.clock["round"] += time.perf_counter() - start
-            self.clock["rounds"] += 1
-            return out
+            return self._clocked("round", super().sample, *args, **kwargs)
 
     register_signal(Timed)
     return Timed
@@ -213,18 +197,11 @@ def _timed_signal(base_name: str):
 def hutchinson_pool(rows, mode: str, batch_size: int, num_batches: int, rounds: int, probe: dict, max_length: int,
                     index: int) -> dict:
     """One calibration of ``num_batches`` x ``rounds`` Hutchinson rounds, every sample kept, its pieces timed."""
-    from sadra.data import calibration_batches
-    from sadra.models import load_model
-    from sadra.probe import estimate_sensitivity
-
     timed = _timed_signal("hutchinson")
     timed.clock.update(prepare=0.0, round=0.0, prepares=0, rounds=0)
-    model, tokenizer = load_model("minilm", 2, seed=0)
-    batches = calibration_batches(rows, tokenizer, num_batches=num_batches, batch_size=batch_size, max_length=max_length,
-                                  seed=100 + index)
-    report = estimate_sensitivity(model, batches, estimator=timed.name, mode=mode, max_probes=num_batches * rounds,
-                                  min_probes=1, rtol=0, probes_per_batch=rounds, seed=index,
-                                  head_warmup_steps=probe["head_warmup_steps"], head_warmup_lr=probe["head_warmup_lr"])
+    report = calibrate(rows, probe, max_length, batch_seed=100 + index, seed=index, estimator=timed.name, mode=mode,
+                       num_batches=num_batches, batch_size=batch_size, max_probes=num_batches * rounds, min_probes=1,
+                       rtol=0, probes_per_batch=rounds)
     clock = dict(timed.clock)
     timing = {"prepare": clock["prepare"] / clock["prepares"], "round": clock["round"] / clock["rounds"],
               "warmup": report.seconds - clock["prepare"] - clock["round"]}
@@ -257,20 +234,11 @@ def gradient_stability(glue_dir: str, task: str, probe: dict, max_length: int, t
     """Two independent calibrations of the gradient signal at the default settings: cost, and how
     alike the ``spectral`` rule's allocations are (at the budgets of uniform r=8 and r=2)."""
     from sadra.allocate import allocate_ranks, uniform_budget
-    from sadra.data import calibration_batches, load_glue
-    from sadra.models import load_model
-    from sadra.probe import estimate_sensitivity
+    from sadra.data import load_glue
     from stability_curve import spearman
 
     rows = load_glue(task, "train", glue_dir)
-    reports = []
-    for i in (0, 1):
-        model, tokenizer = load_model("minilm", 2, seed=0)
-        batches = calibration_batches(rows, tokenizer, num_batches=probe["num_batches"], batch_size=probe["batch_size"],
-                                      max_length=max_length, seed=100 + i)
-        reports.append(estimate_sensitivity(
-            model, batches, estimator="gradient", max_probes=probe["max_probes"], min_probes=probe["min_probes"],
-            rtol=probe["rtol"], seed=i, head_warmup_steps=probe["head_warmup_steps"], head_warmup_lr=probe["head_warmup_lr"]))
+    reports = [calibrate(rows, probe, max_length, batch_seed=100 + i, seed=i, estimator="gradient") for i in (0, 1)]
     out: dict = {}
     for r, min_rank, prune in ((8, 2, False), (2, 1, True)):
         allocs = [allocate_ranks(rep, rule="spectral", budget=uniform_budget(rep.shapes, r), min_rank=min_rank,

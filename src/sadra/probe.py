@@ -134,12 +134,16 @@ def _model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def hf_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """The loss a Hugging Face model computes from a batch that includes ``labels``."""
+def _hf_output_with_loss(model: nn.Module, batch: Mapping[str, Any]) -> Any:
     out = model(**batch)
     if getattr(out, "loss", None) is None:
         raise ModelError("the model returned no loss; include 'labels' in each batch or pass loss_fn")
-    return out.loss
+    return out
+
+
+def hf_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The loss a Hugging Face model computes from a batch that includes ``labels``."""
+    return _hf_output_with_loss(model, batch).loss
 
 
 def hf_logits(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -391,9 +395,7 @@ class Calls:
     def loss_and_logits(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The true-label loss and the logits: one forward for the Hugging Face defaults, else two calls."""
         if self.loss is hf_loss and self.logits is hf_logits:
-            out = model(**batch)
-            if getattr(out, "loss", None) is None:
-                raise ModelError("the model returned no loss; include 'labels' in each batch or pass loss_fn")
+            out = _hf_output_with_loss(model, batch)
             return out.loss, out.logits
         return self.loss(model, batch), self.logits(model, batch)
 

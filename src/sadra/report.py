@@ -226,6 +226,12 @@ def _sensitivity(folder: Path, task: str, methods: list[str], seed: int, out: Pa
     return out
 
 
+def _main_by_seed(records: list[dict], task: str, method: str, metric: str) -> dict[int, float]:
+    """``{seed: 100 x metric}`` of one task and method, over the records that have the metric."""
+    return {int(r["seed"]): 100 * r["metrics"][metric] for r in records
+            if r["task"] == task and r["method"] == method and metric in r.get("metrics", {})}
+
+
 def _metrics_plot(records: list[dict], methods: list[str], out: Path) -> Path | None:
     from .data import get_task
 
@@ -238,8 +244,7 @@ def _metrics_plot(records: list[dict], methods: list[str], out: Path) -> Path | 
         metric = get_task(task).main_metric
         xs, means, errs, colors, labels = [], [], [], [], []
         for i, m in enumerate(methods):
-            vals = [100 * r["metrics"][metric] for r in records if r["task"] == task and r["method"] == m
-                    and metric in r.get("metrics", {})]
+            vals = list(_main_by_seed(records, task, m, metric).values())
             if not vals:
                 continue
             xs.append(len(xs))
@@ -250,7 +255,7 @@ def _metrics_plot(records: list[dict], methods: list[str], out: Path) -> Path | 
         # Points, not bars: the axis is zoomed to the spread, and a cut bar would mislead.
         for x, mean, err, color in zip(xs, means, errs, colors):
             ax.errorbar([x], [mean], yerr=[err], fmt="o", color=color, ms=7, capsize=4, lw=1.5)
-        lora = [100 * r["metrics"][metric] for r in records if r["task"] == task and r["method"] == "lora"]
+        lora = list(_main_by_seed(records, task, "lora", metric).values())
         if lora:
             ax.axhline(np.mean(lora), color=PALETTE["lora"], ls="--", lw=1, label="LoRA r=8 (mean)")
             ax.legend(fontsize=7, loc="lower right")
@@ -284,14 +289,9 @@ def _forest_plot(records: list[dict], methods: list[str], out: Path) -> Path | N
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 0.45 * len(others) + 1.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         metric = get_task(task).main_metric
-
-        def by_seed(method):
-            return {int(r["seed"]): 100 * r["metrics"][metric] for r in records
-                    if r["task"] == task and r["method"] == method and metric in r.get("metrics", {})}
-
-        ref = by_seed(REFERENCE)
+        ref = _main_by_seed(records, task, REFERENCE, metric)
         for y, m in enumerate(others):
-            stat = paired_stats(by_seed(m), ref)
+            stat = paired_stats(_main_by_seed(records, task, m, metric), ref)
             if stat is None:
                 continue
             color = PALETTE.get(m, "#777777")

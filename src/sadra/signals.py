@@ -184,9 +184,10 @@ class GradientSignal(FisherSignal):
     """Mean-gradient spectrum per module, with the Fisher trace as each round's sample.
 
     Batch b's mean gradient goes to half ``b % 2``; the true-label gradient and the round's Fisher
-    sample share the batch's forward. One pass over the batches (``one_pass``). ``finish`` reports, per module, ``spectra`` (the signal part of
-    ``sigma_j(G)^2``, from the two halves), ``spectra_raw`` (``sigma_j(G)^2`` of the full mean,
-    noise floor included) and how well the two halves agree.
+    sample share the batch's forward. One pass over the batches (``one_pass``). ``finish`` reports,
+    per module, ``spectra`` (the signal part of ``sigma_j(G)^2``, from the two halves),
+    ``spectra_raw`` (``sigma_j(G)^2`` of the full mean, noise floor included) and how well the two
+    halves agree.
     """
 
     name = "gradient"
