@@ -102,7 +102,7 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = Tru
     distributed = maybe_init_distributed()
     main = is_main_process()
     out = ensure_dir(out, "benchmark output folder")
-    cells = [_Cell(cfg, out, t, m, s) for t in cfg.tasks for m in cfg.methods for s in cfg.seeds]
+    cells = [_Cell(cfg, out, t, m, s) for t, m, s in cfg.cells()]
     done = _check_same_settings(cells, out)
     if main:
         write_json(out / "benchmark_config.json", cfg.to_dict())

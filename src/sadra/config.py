@@ -23,7 +23,7 @@ from . import settings as _settings
 METHODS = ("full", "lora", "lora-ga", "sadra", "sadra-seed", "sadra-fisher", "adalora", "eva", "random")
 # Methods whose ranks come from SADRA's probe and allocation (or, for random, its solver).
 ALLOCATED_METHODS = ("sadra", "sadra-seed", "sadra-fisher", "random")
-PRESETS = ("smoke", "cpu", "paper", "cpu-llm")
+PRESETS = ("smoke", "cpu", "evidence", "paper", "cpu-llm")
 # Settings a method fixes whatever the config says: the named variants of SADRA, and LoRA-GA.
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "sadra-seed": {"probe": {"estimator": "hutchinson"}, "allocate": {"rule": "proportional"}},
@@ -51,7 +51,7 @@ GRID_DEFAULTS: dict[str, Any] = {
     "methods": list(METHODS),
     "seeds": [0],
 }
-_GRID_KEYS = ("name", "tasks", "methods", "seeds", "per_task", "per_method", "variants")
+_GRID_KEYS = ("name", "tasks", "methods", "seeds", "max_seeds", "per_task", "per_method", "variants")
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -184,6 +184,7 @@ class BenchmarkConfig:
             self.check_method(m)
         if any(s < 0 for s in self.seeds):
             raise ConfigError(f"{where}: seeds must be non-negative integers, got {self.seeds}")
+        self.max_seeds = self._max_seeds(data.get("max_seeds") or {}, where)
         self.run = merge_run(RUN_DEFAULTS, run_part, where)
         self.per_task = self._overrides(data.get("per_task") or {}, "per_task", where)
         self.per_method = self._overrides(data.get("per_method") or {}, "per_method", where)
@@ -204,6 +205,24 @@ class BenchmarkConfig:
             merge_run(RUN_DEFAULTS, settings, f"{where}: variant {name}")
             out[name] = {"method": entry["method"], **settings}
         return out
+
+    def _max_seeds(self, table: Any, where: str) -> dict[str, int]:
+        """``{method: N}``: that method runs only the first N of ``seeds`` (cheaper arms get fewer)."""
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: max_seeds must map methods to a number of seeds, e.g. {{eva: 3}}")
+        for name, n in table.items():
+            self.check_method(name)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"{where}: max_seeds.{name} must be a positive whole number, got {n!r}")
+        return dict(table)
+
+    def seeds_for(self, method: str) -> list[int]:
+        """The seeds a method's cells run: the first ``max_seeds[method]`` of ``seeds`` (all if unset)."""
+        return self.seeds[: self.max_seeds.get(method, len(self.seeds))]
+
+    def cells(self) -> list[tuple[str, str, int]]:
+        """Every (task, method, seed) of the grid, in the order they run."""
+        return [(t, m, s) for t in self.tasks for m in self.methods for s in self.seeds_for(m)]
 
     def check_method(self, method: str) -> str:
         return method if method in self.variants else check_method(method)
@@ -251,6 +270,8 @@ class BenchmarkConfig:
                 entry = copy.deepcopy(table.get(name, {}))
                 _deep_set(entry, keys[2:], value)
                 table.update(self._overrides({name: entry}, keys[0], f"override {text!r}"))
+            elif keys[0] == "max_seeds" and len(keys) == 2:
+                self.max_seeds = self._max_seeds({**self.max_seeds, keys[1]: value}, f"override {text!r}")
             elif keys[0] == "name" and len(keys) == 1:
                 self.name = check_name(value, f"override {text!r}")
             else:
@@ -267,7 +288,8 @@ class BenchmarkConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "tasks": self.tasks, "methods": self.methods, "seeds": self.seeds,
-                **self.run, "per_task": self.per_task, "per_method": self.per_method, "variants": self.variants}
+                "max_seeds": self.max_seeds, **self.run, "per_task": self.per_task, "per_method": self.per_method,
+                "variants": self.variants}
 
 
 def _deep_set(d: dict, keys: list[str], value: Any) -> None:

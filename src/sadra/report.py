@@ -322,7 +322,7 @@ def _missing(folder: Path, records: list[dict]) -> list[str]:
     lines = []
     for task in config.get("tasks", []):
         for method in config.get("methods", []):
-            for seed in config.get("seeds", []):
+            for seed in config.get("seeds", [])[: config.get("max_seeds", {}).get(method)]:
                 if (task, method, seed) in done:
                     continue
                 run = folder / task / method / f"seed{seed}"

@@ -1,0 +1,56 @@
+"""Grid shape: how many seeds each method runs (``max_seeds``), and the presets built on it."""
+
+import json
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from sadra.config import BenchmarkConfig, load_benchmark_config
+from sadra.errors import ConfigError
+
+
+def test_evidence_preset_runs_the_issue_seed_counts():
+    cfg = load_benchmark_config("evidence")
+    per_method = {m: len(cfg.seeds_for(m)) for m in cfg.methods}
+    assert per_method == {"lora": 5, "sadra": 5, "sadra-seed": 5, "random": 5, "eva": 3, "lora-ga": 3,
+                          "full": 2, "adalora": 2}
+    assert len(cfg.cells()) == 3 * 30
+    adalora = cfg.resolve("mrpc", "adalora")["adalora"]
+    assert adalora["tinit_ratio"] + adalora["tfinal_ratio"] == pytest.approx(0.5)  # budgeting: half of training
+    assert cfg.resolve("mrpc", "lora")["max_train_samples"] is None  # MRPC on its full train set
+    assert cfg.resolve("qnli", "lora")["max_eval_samples"] == 2000
+
+
+def test_max_seeds_takes_the_first_seeds_and_follows_overrides():
+    cfg = BenchmarkConfig({"tasks": ["mrpc"], "methods": ["lora", "eva"], "seeds": [0, 1, 2], "max_seeds": {"eva": 2}})
+    assert cfg.cells() == [("mrpc", "lora", 0), ("mrpc", "lora", 1), ("mrpc", "lora", 2), ("mrpc", "eva", 0),
+                           ("mrpc", "eva", 1)]
+    cfg.apply(["seeds=5,6,7", "max_seeds.lora=1"])
+    assert cfg.cells() == [("mrpc", "lora", 5), ("mrpc", "eva", 5), ("mrpc", "eva", 6)]
+    assert cfg.to_dict()["max_seeds"] == {"eva": 2, "lora": 1}
+
+
+@pytest.mark.parametrize("table, needle", [({"eva": 0}, "positive whole number"), ({"eva": "3"}, "positive whole number"),
+                                           ({"evo": 3}, "unknown method"), ([3], "max_seeds must map")])
+def test_bad_max_seeds_is_a_config_error(table, needle):
+    with pytest.raises(ConfigError, match=needle):
+        BenchmarkConfig({"max_seeds": table})
+
+
+def test_bad_max_seeds_override_on_the_command_line(tmp_path, glue_dir):
+    proc = run_cli("benchmark", "--preset", "smoke", "--out", tmp_path / "b", "max_seeds.lora=-1",
+                   env={"SADRA_GLUE_DIR": str(glue_dir)}, timeout=120)
+    assert_one_line_error(proc, "max_seeds.lora", "positive whole number")
+    assert not (tmp_path / "b").exists()  # nothing written before the error
+
+
+def test_report_lists_only_the_cells_each_method_runs(tmp_path):
+    from sadra.report import write_report
+
+    cfg = BenchmarkConfig({"name": "g", "tasks": ["mrpc"], "methods": ["lora", "eva"], "seeds": [0, 1, 2],
+                           "max_seeds": {"eva": 1}})
+    (tmp_path / "benchmark_config.json").write_text(json.dumps(cfg.to_dict()))
+    text = write_report(tmp_path).read_text()
+    missing = [line for line in text.splitlines() if line.startswith("- mrpc / ")]
+    assert missing == ["- mrpc / lora / seed 0: not started", "- mrpc / lora / seed 1: not started",
+                       "- mrpc / lora / seed 2: not started", "- mrpc / eva / seed 0: not started"]
