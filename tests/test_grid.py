@@ -54,3 +54,17 @@ def test_report_lists_only_the_cells_each_method_runs(tmp_path):
     missing = [line for line in text.splitlines() if line.startswith("- mrpc / ")]
     assert missing == ["- mrpc / lora / seed 0: not started", "- mrpc / lora / seed 1: not started",
                        "- mrpc / lora / seed 2: not started", "- mrpc / eva / seed 0: not started"]
+
+
+def test_grid_file_adds_up_the_cells_of_each_invocation(tmp_path):
+    """Runs in phases (--methods / --seeds subsets) into one folder: the report misses every asked cell."""
+    from sadra.benchmark import _Cell, _write_grid
+    from sadra.report import write_report
+
+    for methods, seeds in ((["lora", "eva"], [0]), (["lora"], [0, 1])):
+        cfg = BenchmarkConfig({"name": "g", "tasks": ["mrpc"], "methods": methods, "seeds": seeds})
+        _write_grid(tmp_path, cfg, [_Cell(cfg, tmp_path, *c) for c in cfg.cells()])
+    grid = json.loads((tmp_path / "benchmark_config.json").read_text())
+    assert grid["methods"] == ["lora"] and grid["cells"] == [["mrpc", "lora", 0], ["mrpc", "eva", 0], ["mrpc", "lora", 1]]
+    missing = [line for line in write_report(tmp_path).read_text().splitlines() if line.startswith("- mrpc / ")]
+    assert len(missing) == 3 and "- mrpc / eva / seed 0: not started" in missing

@@ -65,3 +65,19 @@ def test_allocate_plot_writes_a_heatmap(smoke_out, tmp_path):
 def test_report_on_a_folder_that_is_not_a_benchmark(tmp_path):
     assert_one_line_error(run_cli("report", tmp_path / "nope"), "does not exist")
     assert_one_line_error(run_cli("report", tmp_path), "results.jsonl")
+
+
+def test_budget_figure_draws_each_arm_run_at_several_budgets(tmp_path):
+    """Real selection-study records; an arm named NAME-r2 is NAME at uniform r=2's budget."""
+    from pathlib import Path
+
+    from sadra.report import _budget_plot, budget_family
+
+    assert [budget_family(m) for m in ("sadra-r2", "lora-r16", "prop-hutchinson-r2", "lora", "lora-ga")] == \
+        ["sadra", "lora", "prop-hutchinson", "lora", "lora-ga"]
+    source = Path(__file__).resolve().parents[1] / "results" / "selection" / "results.jsonl"
+    records = [json.loads(line) for line in source.read_text().splitlines()]
+    assert _budget_plot(records, tmp_path / "none.png") is None  # one budget per arm: nothing to draw
+    at_r2 = [dict(r, method=r["method"] + "-r2", lora_budget=r["lora_budget"] // 4,
+                  metrics={k: v - 0.05 for k, v in r["metrics"].items()}) for r in records if r["method"] == "lora"]
+    assert_valid_png(_budget_plot(records + at_r2, tmp_path / "budget.png"))

@@ -105,7 +105,7 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = Tru
     cells = [_Cell(cfg, out, t, m, s) for t, m, s in cfg.cells()]
     done = _check_same_settings(cells, out)
     if main:
-        write_json(out / "benchmark_config.json", cfg.to_dict())
+        _write_grid(out, cfg, cells)
     commit = git_commit()
     if workers > 1 and not distributed:
         _run_workers([c for c in cells if c.key not in done and _should_run(c, out, retry_failed)], cfg, out,
@@ -123,6 +123,19 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = Tru
     if main:
         _write_outputs(out, records, cfg, report)
     return records
+
+
+def _write_grid(out: Path, cfg: BenchmarkConfig, cells: list[_Cell]) -> None:
+    """``benchmark_config.json``: this invocation's settings, and under ``cells`` every cell asked of
+    the folder so far (runs in phases, e.g. ``--methods`` or ``--seeds`` subsets, add up)."""
+    path = out / "benchmark_config.json"
+    try:
+        earlier = read_json(path).get("cells", []) if path.exists() else []
+    except (SadraError, AttributeError):  # unreadable: start the list again from this grid
+        earlier = []
+    asked = [list(c) for c in earlier if isinstance(c, list) and len(c) == 3]
+    asked += [list(c.key) for c in cells if list(c.key) not in asked]
+    write_json(path, {**cfg.to_dict(), "cells": asked})
 
 
 # One lock for the grid's shared files (results.jsonl, failures.jsonl) when workers run cells at once.

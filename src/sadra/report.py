@@ -9,6 +9,9 @@
                               variant, the random control, EVA and AdaLoRA's final ranks
 * ``sensitivity_<task>.png``  per-module curvature with standard-error bars, one panel per estimator
 * ``metrics.png``             the main metric per task and method, error bars over seeds, LoRA marked
+* ``forest.png``              each method minus LoRA, paired by seed, with 95% intervals
+* ``budget.png``              the main metric against adapter parameters, one line per arm run at
+                              several budgets (arms named ``NAME-r<k>`` are NAME at uniform r=k's budget)
 * ``report.md``               all of the above with the results table and a list of missing runs
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -315,21 +319,68 @@ def _forest_plot(records: list[dict], methods: list[str], out: Path) -> Path | N
     return out
 
 
+_BUDGET_SUFFIX = re.compile(r"^(?P<family>.+)-r(?P<rank>\d+)$")
+
+
+def budget_family(method: str) -> str:
+    """The arm a method is at another budget: ``sadra-r2`` -> ``sadra``; ``sadra`` -> ``sadra``."""
+    match = _BUDGET_SUFFIX.match(method)
+    return match["family"] if match else method
+
+
+def _budget_plot(records: list[dict], out: Path) -> Path | None:
+    """Main metric (mean ± s.d. over seeds) against adapter parameters, per task and arm family."""
+    from .data import get_task
+
+    points: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        metric = get_task(r["task"]).main_metric if r["task"] != "causal-lm" else None
+        if metric in r.get("metrics", {}) and r.get("adapter_params"):
+            budget = float(r.get("lora_budget") or r["adapter_params"])
+            points[(r["task"], budget_family(r["method"]))][budget].append(100 * r["metrics"][metric])
+    swept = {k: v for k, v in points.items() if len(v) >= 2}
+    tasks = list(dict.fromkeys(t for t, _ in swept))
+    if not tasks:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (t, family), by_budget in swept.items():
+            if t != task:
+                continue
+            xs = sorted(by_budget)
+            means = [np.mean(by_budget[x]) for x in xs]
+            errs = [np.std(by_budget[x], ddof=1) if len(by_budget[x]) > 1 else 0.0 for x in xs]
+            ax.errorbar(xs, means, yerr=errs, fmt="o-", capsize=3, color=PALETTE.get(family), label=family)
+        ax.set_xscale("log")
+        ax.set_xlabel("adapter parameters (the budget of uniform LoRA r)")
+        ax.set_ylabel(f"{get_task(task).main_metric} ×100")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Main metric against the parameter budget: mean ± s.d. over seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def _missing(folder: Path, records: list[dict]) -> list[str]:
     """Grid cells without a result line, saying whether their run started."""
     config = _load_json(folder / "benchmark_config.json") or {}
     done = {(r.get("task"), r.get("method"), r.get("seed")) for r in records}
+    asked = config.get("cells") or [  # folders written before the grid listed its cells
+        (t, m, s) for t in config.get("tasks", []) for m in config.get("methods", [])
+        for s in config.get("seeds", [])[: config.get("max_seeds", {}).get(m)]]
     lines = []
-    for task in config.get("tasks", []):
-        for method in config.get("methods", []):
-            for seed in config.get("seeds", [])[: config.get("max_seeds", {}).get(method)]:
-                if (task, method, seed) in done:
-                    continue
-                run = folder / task / method / f"seed{seed}"
-                state = "not started" if not run.exists() else (
-                    "finished but not recorded (rerun the benchmark to record it)" if (run / "metrics.json").exists()
-                    else "started, unfinished (rerun the benchmark to resume it)")
-                lines.append(f"- {task} / {method} / seed {seed}: {state}")
+    for task, method, seed in map(tuple, asked):
+        if (task, method, seed) in done:
+            continue
+        run = folder / task / method / f"seed{seed}"
+        state = "not started" if not run.exists() else (
+            "finished but not recorded (rerun the benchmark to record it)" if (run / "metrics.json").exists()
+            else "started, unfinished (rerun the benchmark to resume it)")
+        lines.append(f"- {task} / {method} / seed {seed}: {state}")
     return lines
 
 
@@ -368,6 +419,9 @@ def write_report(folder: str | Path) -> Path:
     forest_png = _forest_plot(records, methods, folder / "forest.png")
     if forest_png:
         figures.append(("Paired difference to LoRA per task (95% CI)", forest_png))
+    budget_png = _budget_plot(records, folder / "budget.png")
+    if budget_png:
+        figures.append(("Main metric against the parameter budget", budget_png))
     for task in tasks:
         per_method = {m: sorted(seeds.get((task, m), [])) for m in methods}
         loss = _loss_curves(folder, task, methods, per_method, folder / f"loss_{task}.png")
