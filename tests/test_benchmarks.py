@@ -96,3 +96,29 @@ def test_gpu_probe_runs_on_cpu_at_toy_size(glue_dir, tmp_path):
             assert isinstance(m[key], float) and m[key] > 0, (name, key)
         assert isinstance(m["forward_over_reverse_over_grad"], (float, str))
         assert m["calibration_probes"] == 2 and m["lora_run_seconds_extrapolated"] > m["lora_step_seconds"]
+
+
+@pytest.mark.slow
+def test_gpu_grid_runs_on_cpu_at_smoke_size_and_resumes(glue_dir, tmp_path):
+    grid, out = tmp_path / "grid", tmp_path / "out"
+    out.mkdir()
+    env = {"SADRA_GPU_GRID_SIZE": "smoke", "SADRA_GPU_GRID": str(grid), "SADRA_GLUE_DIR": str(glue_dir), "OUT": str(out)}
+    proc = run_script(["bash", "benchmarks/gpu_grid.sh"], env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (grid / "results.jsonl").read_text().splitlines()]
+    seeds = {(r["method"], r["seed"]) for r in records}
+    assert seeds == {("lora", 0), ("lora", 1), ("sadra", 0), ("sadra", 1), ("eva", 0)}  # max_seeds.eva=1
+    assert all(r["preset"] == "gpu" and r["threads"] == 1 and r["train_samples"] == 32 for r in records)
+    assert "gpu_grid: 5 of 5 cells have results" in proc.stdout
+    assert {p.name for p in out.iterdir()} == {"results.jsonl", "failures.jsonl", "results.md", "report.md",
+                                               "benchmark_config.json", "metrics.png", "forest.png", "runs.tar.gz"} - \
+        ({"failures.jsonl"} if not (grid / "failures.jsonl").exists() else set())
+    import tarfile
+
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "mrpc/sadra/seed0/metrics.json" in names and "mrpc/sadra/seed0/allocation.json" in names
+    assert not any(n.endswith(".safetensors") or "/checkpoints" in n for n in names)
+    again = run_script(["bash", "benchmarks/gpu_grid.sh"], env, timeout=300)  # resumes: nothing left to run
+    assert again.returncode == 0 and "started" not in again.stderr, again.stderr[-2000:]
+    assert (grid / "results.jsonl").read_text().count("\n") == 5

@@ -23,7 +23,7 @@ from . import settings as _settings
 METHODS = ("full", "lora", "lora-ga", "sadra", "sadra-seed", "sadra-fisher", "adalora", "eva", "random")
 # Methods whose ranks come from SADRA's probe and allocation (or, for random, its solver).
 ALLOCATED_METHODS = ("sadra", "sadra-seed", "sadra-fisher", "random")
-PRESETS = ("smoke", "cpu", "evidence", "paper", "cpu-llm")
+PRESETS = ("smoke", "cpu", "evidence", "gpu", "paper", "cpu-llm")
 # Settings a method fixes whatever the config says: the named variants of SADRA, and LoRA-GA.
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "sadra-seed": {"probe": {"estimator": "hutchinson"}, "allocate": {"rule": "proportional"}},
