@@ -54,7 +54,7 @@ def _non_negative_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import METHODS
+    from .config import METHODS, PRESETS
 
     parser = _Parser(prog="sadra", description="Curvature-aware LoRA rank allocation: probe, allocate, train, benchmark.")
     parser.add_argument("--version", action="version", version=f"sadra {__version__}")
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", required=True, help="one of: " + ", ".join(METHODS))
     t.add_argument("--seed", type=_non_negative_int, default=0)
     t.add_argument("--out", required=True, help="run folder")
-    t.add_argument("--preset", default=None, help="take settings from a preset (smoke, cpu, paper, cpu-llm)")
+    t.add_argument("--preset", default=None, help=f"take settings from a preset ({', '.join(PRESETS)})")
     t.add_argument("--config", default=None, help="YAML file of settings")
     _add_data_args(t)
     t.add_argument("--model", default=None)
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.epochs=2")
 
     b = sub.add_parser("benchmark", help="run the grid tasks x methods x seeds")
-    b.add_argument("--preset", default=None, help="smoke (default), cpu, paper or cpu-llm (SmolLM2 on SST-2 prompts)")
+    b.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default smoke; cpu-llm: SmolLM2 on SST-2 prompts)")
     b.add_argument("--config", default=None, help="YAML benchmark config instead of a preset")
     b.add_argument("--tasks", nargs="+", default=None)
     b.add_argument("--methods", nargs="+", default=None)

@@ -1,0 +1,122 @@
+"""Write ``docs/results.md`` from ``docs/results.md.in``: every figure in it comes from a file.
+
+The template is prose with placeholders ``{{name arg ...}}``; each is replaced by what the
+committed result files say, so the text cannot drift from them (``tests/test_docs.py`` renders it
+and compares). Paths are relative to the repository root.
+
+  {{table FOLDER}}                      the results table of a benchmark folder (as in its results.md)
+  {{mean FOLDER TASK METHOD METRIC}}    mean ± s.d. over seeds (x100; cross-entropy ``loss`` as is)
+  {{diff FOLDER TASK METHOD METRIC}}    METHOD minus lora, paired by seed: mean [95% CI] (n)
+  {{seeds FOLDER TASK METHOD}}          how many seeds that cell has
+  {{cells FOLDER}}                      how many cells have a result
+  {{json FILE KEY[.KEY...] [FORMAT]}}   one value of a JSON file (FORMAT: a format spec, e.g. .2f)
+
+  python docs/render.py           rewrite docs/results.md
+  python docs/render.py --check   exit 1, naming the first line that differs, if it is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from sadra.io import read_jsonl
+from sadra.results import REFERENCE, _fmt, paired_stats, results_table
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "docs" / "results.md.in"
+TARGET = ROOT / "docs" / "results.md"
+PLACEHOLDER = re.compile(r"\{\{(.+?)\}\}")
+
+
+@lru_cache(maxsize=None)
+def _records(root: Path, folder: str) -> tuple[dict, ...]:
+    return tuple(read_jsonl(root / folder / "results.jsonl"))
+
+
+def _values(root: Path, folder: str, task: str, method: str, metric: str) -> dict[int, float]:
+    return {int(r["seed"]): r["metrics"][metric] for r in _records(root, folder)
+            if r["task"] == task and r["method"] == method and metric in r["metrics"]}
+
+
+def _scale(metric: str) -> tuple[float, int]:
+    return (1.0, 3) if metric == "loss" else (100.0, 2)
+
+
+def table(root: Path, folder: str) -> str:
+    config_path = root / folder / "benchmark_config.json"
+    methods = json.loads(config_path.read_text()).get("methods") if config_path.exists() else None
+    return results_table(list(_records(root, folder)), methods, read_jsonl(root / folder / "failures.jsonl")).rstrip()
+
+
+def mean(root: Path, folder: str, task: str, method: str, metric: str) -> str:
+    scale, digits = _scale(metric)
+    return _fmt(list(_values(root, folder, task, method, metric).values()), scale, digits)
+
+
+def diff(root: Path, folder: str, task: str, method: str, metric: str) -> str:
+    scale, digits = _scale(metric)
+    stat = paired_stats(_values(root, folder, task, method, metric), _values(root, folder, task, REFERENCE, metric))
+    if stat is None:
+        return "— (no seed in common)"
+    if stat["n"] < 2:
+        return f"{stat['mean'] * scale:+.{digits}f} (n=1, no interval)"
+    low, high = stat["ci_low"] * scale, stat["ci_high"] * scale
+    return f"{stat['mean'] * scale:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] (n={stat['n']})"
+
+
+def seeds(root: Path, folder: str, task: str, method: str) -> str:
+    return str(len({r["seed"] for r in _records(root, folder) if r["task"] == task and r["method"] == method}))
+
+
+def cells(root: Path, folder: str) -> str:
+    return str(len({(r["task"], r["method"], r["seed"]) for r in _records(root, folder)}))
+
+
+def json_value(root: Path, file: str, key: str, spec: str = "") -> str:
+    value = json.loads((root / file).read_text())
+    for part in key.split("."):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return "null" if value is None else format(value, spec)
+
+
+FUNCTIONS = {"table": table, "mean": mean, "diff": diff, "seeds": seeds, "cells": cells, "json": json_value}
+
+
+def render(template: str, root: Path = ROOT) -> str:
+    _records.cache_clear()
+
+    def replace(match: re.Match) -> str:
+        name, *args = match.group(1).split()
+        if name not in FUNCTIONS:
+            raise ValueError(f"unknown placeholder {name!r} in {match.group(0)!r}; known: {', '.join(FUNCTIONS)}")
+        return FUNCTIONS[name](root, *args)
+
+    return PLACEHOLDER.sub(replace, template)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="compare instead of writing")
+    args = ap.parse_args()
+    text = render(TEMPLATE.read_text())
+    if not args.check:
+        TARGET.write_text(text)
+        print(f"wrote {TARGET.relative_to(ROOT)}")
+        return 0
+    import itertools
+
+    old = TARGET.read_text().splitlines() if TARGET.exists() else []
+    for i, (a, b) in enumerate(itertools.zip_longest(old, text.splitlines(), fillvalue=""), 1):
+        if a != b:
+            print(f"docs/results.md line {i} is out of date; run: python docs/render.py\n  now:  {a}\n  want: {b}")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""docs/results.md says what the committed result files say (it is rendered from them)."""
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "docs"))
+
+import render  # noqa: E402
+
+
+def test_results_page_matches_the_result_files():
+    expected = render.render(render.TEMPLATE.read_text())
+    assert render.TARGET.read_text() == expected, "docs/results.md is out of date: run python docs/render.py"
+
+
+def test_every_measured_figure_in_the_template_is_a_placeholder():
+    prose = render.PLACEHOLDER.sub("", render.TEMPLATE.read_text())
+    decimals = re.findall(r"(?<![\w.])[+-]?\d+\.\d+(?![\w.])", prose)
+    assert decimals == [], f"numbers typed into docs/results.md.in instead of read from results: {decimals}"
+
+
+def test_a_changed_result_changes_the_page(tmp_path):
+    for folder in ("results/selection", "benchmarks/results"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.png", "sst2", "mrpc"))
+    template = "{{diff results/selection sst2 prop-fisher accuracy}} / {{json benchmarks/results/probe_cost.json hutchinson_spearman .2f}}"
+    before = render.render(template, tmp_path)
+    path = tmp_path / "results/selection/results.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:
+        if r["task"] == "sst2" and r["method"] == "lora":
+            r["metrics"]["accuracy"] -= 0.01  # lora one point worse on every seed: prop-fisher's lead grows by 1
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    after = render.render(template, tmp_path)
+    lead = [float(re.match(r"([+-]\d+\.\d+)", text).group(1)) for text in (before, after)]
+    assert lead[1] - lead[0] == pytest.approx(1.0, abs=0.006)
+    spearman = json.loads((tmp_path / "benchmarks/results/probe_cost.json").read_text())["hutchinson_spearman"]
+    assert before.split(" / ")[1] == after.split(" / ")[1] == f"{spearman:.2f}"
+    with pytest.raises(ValueError, match="unknown placeholder"):
+        render.render("{{median results/selection}}", tmp_path)
