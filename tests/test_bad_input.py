@@ -190,7 +190,7 @@ def test_override_parsing_never_crashes(text):
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["train", "lora", "probe", "max_length", "model", "seeds", "tasks", "methods",
-                                        "per_task", "per_method", "name", "epochs", "allocate", "max_seeds"]),
+                                        "per_task", "per_method", "name", "epochs", "allocate", "method_seeds"]),
                        st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
                                     max_leaves=6), max_size=4))

@@ -107,7 +107,7 @@ def test_gpu_grid_runs_on_cpu_at_smoke_size_and_resumes(glue_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (grid / "results.jsonl").read_text().splitlines()]
     seeds = {(r["method"], r["seed"]) for r in records}
-    assert seeds == {("lora", 0), ("lora", 1), ("sadra", 0), ("sadra", 1), ("eva", 0)}  # max_seeds.eva=1
+    assert seeds == {("lora", 0), ("lora", 1), ("sadra", 0), ("sadra", 1), ("eva", 0)}  # method_seeds.eva=0
     assert all(r["preset"] == "gpu" and r["threads"] == 1 and r["train_samples"] == 32 for r in records)
     assert "gpu_grid: 5 of 5 cells have results" in proc.stdout
     assert {p.name for p in out.iterdir()} == {"results.jsonl", "failures.jsonl", "results.md", "report.md",

@@ -1,4 +1,4 @@
-"""Grid shape: how many seeds each method runs (``max_seeds``), and the presets built on it."""
+"""Grid shape: which seeds each method runs (``method_seeds``), and the presets built on it."""
 
 import json
 
@@ -21,26 +21,29 @@ def test_evidence_preset_runs_the_issue_seed_counts():
     assert cfg.resolve("qnli", "lora")["max_eval_samples"] == 2000
 
 
-def test_max_seeds_takes_the_first_seeds_and_follows_overrides():
-    cfg = BenchmarkConfig({"tasks": ["mrpc"], "methods": ["lora", "eva"], "seeds": [0, 1, 2], "max_seeds": {"eva": 2}})
+def test_method_seeds_limit_a_method_and_survive_a_seeds_override():
+    cfg = BenchmarkConfig({"tasks": ["mrpc"], "methods": ["lora", "eva"], "seeds": [0, 1, 2],
+                           "method_seeds": {"eva": [0, 1]}})
     assert cfg.cells() == [("mrpc", "lora", 0), ("mrpc", "lora", 1), ("mrpc", "lora", 2), ("mrpc", "eva", 0),
                            ("mrpc", "eva", 1)]
-    cfg.apply(["seeds=5,6,7", "max_seeds.lora=1"])
-    assert cfg.cells() == [("mrpc", "lora", 5), ("mrpc", "eva", 5), ("mrpc", "eva", 6)]
-    assert cfg.to_dict()["max_seeds"] == {"eva": 2, "lora": 1}
+    cfg.apply(["seeds=2"])  # one seed at a time (a phased run): eva has no cell for seed 2
+    assert cfg.cells() == [("mrpc", "lora", 2)]
+    cfg.apply(["seeds=0,1,2", "method_seeds.lora=1,2"])
+    assert cfg.cells() == [("mrpc", "lora", 1), ("mrpc", "lora", 2), ("mrpc", "eva", 0), ("mrpc", "eva", 1)]
+    assert cfg.to_dict()["method_seeds"] == {"eva": [0, 1], "lora": [1, 2]}
 
 
-@pytest.mark.parametrize("table, needle", [({"eva": 0}, "positive whole number"), ({"eva": "3"}, "positive whole number"),
-                                           ({"evo": 3}, "unknown method"), ([3], "max_seeds must map")])
-def test_bad_max_seeds_is_a_config_error(table, needle):
+@pytest.mark.parametrize("table, needle", [({"eva": [-1]}, "non-negative"), ({"eva": ["a"]}, "int values"),
+                                           ({"evo": [3]}, "unknown method"), ([3], "method_seeds must map")])
+def test_bad_method_seeds_is_a_config_error(table, needle):
     with pytest.raises(ConfigError, match=needle):
-        BenchmarkConfig({"max_seeds": table})
+        BenchmarkConfig({"method_seeds": table})
 
 
-def test_bad_max_seeds_override_on_the_command_line(tmp_path, glue_dir):
-    proc = run_cli("benchmark", "--preset", "smoke", "--out", tmp_path / "b", "max_seeds.lora=-1",
+def test_bad_method_seeds_override_on_the_command_line(tmp_path, glue_dir):
+    proc = run_cli("benchmark", "--preset", "smoke", "--out", tmp_path / "b", "method_seeds.lora=x",
                    env={"SADRA_GLUE_DIR": str(glue_dir)}, timeout=120)
-    assert_one_line_error(proc, "max_seeds.lora", "positive whole number")
+    assert_one_line_error(proc, "method_seeds.lora", "int values")
     assert not (tmp_path / "b").exists()  # nothing written before the error
 
 
@@ -48,7 +51,7 @@ def test_report_lists_only_the_cells_each_method_runs(tmp_path):
     from sadra.report import write_report
 
     cfg = BenchmarkConfig({"name": "g", "tasks": ["mrpc"], "methods": ["lora", "eva"], "seeds": [0, 1, 2],
-                           "max_seeds": {"eva": 1}})
+                           "method_seeds": {"eva": [0]}})
     (tmp_path / "benchmark_config.json").write_text(json.dumps(cfg.to_dict()))
     text = write_report(tmp_path).read_text()
     missing = [line for line in text.splitlines() if line.startswith("- mrpc / ")]

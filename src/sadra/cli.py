@@ -255,7 +255,7 @@ def _run_settings(args) -> tuple[dict, str | None]:
         preset = args.preset
     elif args.config:
         data = load_yaml(args.config)
-        grid_keys = {"name", "tasks", "methods", "seeds", "max_seeds", "per_task", "per_method", "variants"}
+        grid_keys = {"name", "tasks", "methods", "seeds", "method_seeds", "per_task", "per_method", "variants"}
         if grid_keys & set(data):
             settings = BenchmarkConfig(data, where=args.config).resolve(*_task_method(args))
         else:

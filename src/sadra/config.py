@@ -51,7 +51,7 @@ GRID_DEFAULTS: dict[str, Any] = {
     "methods": list(METHODS),
     "seeds": [0],
 }
-_GRID_KEYS = ("name", "tasks", "methods", "seeds", "max_seeds", "per_task", "per_method", "variants")
+_GRID_KEYS = ("name", "tasks", "methods", "seeds", "method_seeds", "per_task", "per_method", "variants")
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -184,7 +184,7 @@ class BenchmarkConfig:
             self.check_method(m)
         if any(s < 0 for s in self.seeds):
             raise ConfigError(f"{where}: seeds must be non-negative integers, got {self.seeds}")
-        self.max_seeds = self._max_seeds(data.get("max_seeds") or {}, where)
+        self.method_seeds = self._method_seeds(data.get("method_seeds") or {}, where)
         self.run = merge_run(RUN_DEFAULTS, run_part, where)
         self.per_task = self._overrides(data.get("per_task") or {}, "per_task", where)
         self.per_method = self._overrides(data.get("per_method") or {}, "per_method", where)
@@ -206,19 +206,24 @@ class BenchmarkConfig:
             out[name] = {"method": entry["method"], **settings}
         return out
 
-    def _max_seeds(self, table: Any, where: str) -> dict[str, int]:
-        """``{method: N}``: that method runs only the first N of ``seeds`` (cheaper arms get fewer)."""
+    def _method_seeds(self, table: Any, where: str) -> dict[str, list[int]]:
+        """``{method: [seeds]}``: the only seeds that method runs (costly or secondary arms get fewer)."""
         if not isinstance(table, Mapping):
-            raise ConfigError(f"{where}: max_seeds must map methods to a number of seeds, e.g. {{eva: 3}}")
-        for name, n in table.items():
+            raise ConfigError(f"{where}: method_seeds must map methods to lists of seeds, e.g. {{eva: [0, 1, 2]}}")
+        out = {}
+        for name, seeds in table.items():
             self.check_method(name)
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ConfigError(f"{where}: max_seeds.{name} must be a positive whole number, got {n!r}")
-        return dict(table)
+            out[name] = _check_list(f"method_seeds.{name}", seeds, int, where)
+            if any(s < 0 for s in out[name]):
+                raise ConfigError(f"{where}: method_seeds.{name} must list non-negative integers, got {seeds!r}")
+        return out
 
     def seeds_for(self, method: str) -> list[int]:
-        """The seeds a method's cells run: the first ``max_seeds[method]`` of ``seeds`` (all if unset)."""
-        return self.seeds[: self.max_seeds.get(method, len(self.seeds))]
+        """The seeds a method's cells run: ``seeds``, less those outside ``method_seeds[method]`` if set.
+
+        A run restricted with ``--seeds`` therefore keeps each method's own limit."""
+        own = self.method_seeds.get(method)
+        return [s for s in self.seeds if own is None or s in own]
 
     def cells(self) -> list[tuple[str, str, int]]:
         """Every (task, method, seed) of the grid, in the order they run."""
@@ -270,8 +275,10 @@ class BenchmarkConfig:
                 entry = copy.deepcopy(table.get(name, {}))
                 _deep_set(entry, keys[2:], value)
                 table.update(self._overrides({name: entry}, keys[0], f"override {text!r}"))
-            elif keys[0] == "max_seeds" and len(keys) == 2:
-                self.max_seeds = self._max_seeds({**self.max_seeds, keys[1]: value}, f"override {text!r}")
+            elif keys[0] == "method_seeds" and len(keys) == 2:
+                items = value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
+                items = [int(v) if isinstance(v, str) and v.isdigit() else v for v in items]
+                self.method_seeds = self._method_seeds({**self.method_seeds, keys[1]: items}, f"override {text!r}")
             elif keys[0] == "name" and len(keys) == 1:
                 self.name = check_name(value, f"override {text!r}")
             else:
@@ -288,7 +295,7 @@ class BenchmarkConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "tasks": self.tasks, "methods": self.methods, "seeds": self.seeds,
-                "max_seeds": self.max_seeds, **self.run, "per_task": self.per_task, "per_method": self.per_method,
+                "method_seeds": self.method_seeds, **self.run, "per_task": self.per_task, "per_method": self.per_method,
                 "variants": self.variants}
 
 

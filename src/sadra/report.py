@@ -371,7 +371,7 @@ def _missing(folder: Path, records: list[dict]) -> list[str]:
     done = {(r.get("task"), r.get("method"), r.get("seed")) for r in records}
     asked = config.get("cells") or [  # folders written before the grid listed its cells
         (t, m, s) for t in config.get("tasks", []) for m in config.get("methods", [])
-        for s in config.get("seeds", [])[: config.get("max_seeds", {}).get(m)]]
+        for s in config.get("seeds", []) if s in config.get("method_seeds", {}).get(m, [s])]
     lines = []
     for task, method, seed in map(tuple, asked):
         if (task, method, seed) in done:
