@@ -1,8 +1,8 @@
-"""Write ``docs/results.md`` from ``docs/results.md.in``: every figure in it comes from a file.
+"""Write each ``docs/NAME.md`` from ``docs/NAME.md.in``: every figure in them comes from a file.
 
-The template is prose with placeholders ``{{name arg ...}}``; each is replaced by what the
-committed result files say, so the text cannot drift from them (``tests/test_docs.py`` renders it
-and compares). Paths are relative to the repository root.
+A template is prose with placeholders ``{{name arg ...}}``; each is replaced by what the committed
+result files say, so the text cannot drift from them (``tests/test_docs.py`` renders every page and
+compares). Paths are relative to the repository root. Rerun it whenever a result file changes.
 
   {{table FOLDER}}                      the results table of a benchmark folder (as in its results.md)
   {{mean FOLDER TASK METHOD METRIC}}    mean ± s.d. over seeds (x100; cross-entropy ``loss`` as is)
@@ -11,8 +11,8 @@ and compares). Paths are relative to the repository root.
   {{cells FOLDER}}                      how many cells have a result
   {{json FILE KEY[.KEY...] [FORMAT]}}   one value of a JSON file (FORMAT: a format spec, e.g. .2f)
 
-  python docs/render.py           rewrite docs/results.md
-  python docs/render.py --check   exit 1, naming the first line that differs, if it is out of date
+  python docs/render.py           rewrite every page
+  python docs/render.py --check   exit 1, naming the first line that differs, if a page is out of date
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from sadra.io import read_jsonl
 from sadra.results import REFERENCE, _fmt, paired_stats, results_table
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE = ROOT / "docs" / "results.md.in"
-TARGET = ROOT / "docs" / "results.md"
+DOCS = ROOT / "docs"
 PLACEHOLDER = re.compile(r"\{\{(.+?)\}\}")
 
 
@@ -99,22 +98,28 @@ def render(template: str, root: Path = ROOT) -> str:
     return PLACEHOLDER.sub(replace, template)
 
 
+def pages() -> list[tuple[Path, Path]]:
+    """(template, page) for every ``docs/*.md.in``."""
+    return [(t, t.with_suffix("")) for t in sorted(DOCS.glob("*.md.in"))]
+
+
 def main() -> int:
+    import itertools
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare instead of writing")
     args = ap.parse_args()
-    text = render(TEMPLATE.read_text())
-    if not args.check:
-        TARGET.write_text(text)
-        print(f"wrote {TARGET.relative_to(ROOT)}")
-        return 0
-    import itertools
-
-    old = TARGET.read_text().splitlines() if TARGET.exists() else []
-    for i, (a, b) in enumerate(itertools.zip_longest(old, text.splitlines(), fillvalue=""), 1):
-        if a != b:
-            print(f"docs/results.md line {i} is out of date; run: python docs/render.py\n  now:  {a}\n  want: {b}")
-            return 1
+    for template, page in pages():
+        text = render(template.read_text())
+        if not args.check:
+            page.write_text(text)
+            print(f"wrote {page.relative_to(ROOT)}")
+            continue
+        old = page.read_text().splitlines() if page.exists() else []
+        for i, (a, b) in enumerate(itertools.zip_longest(old, text.splitlines(), fillvalue=""), 1):
+            if a != b:
+                print(f"{page.relative_to(ROOT)} line {i} is out of date; run: python docs/render.py\n  now:  {a}\n  want: {b}")
+                return 1
     return 0
 
 

@@ -1,4 +1,4 @@
-"""docs/results.md says what the committed result files say (it is rendered from them)."""
+"""docs/results.md and docs/selection.md say what the committed result files say (they are rendered from them)."""
 
 import json
 import re
@@ -14,15 +14,23 @@ sys.path.insert(0, str(ROOT / "docs"))
 import render  # noqa: E402
 
 
-def test_results_page_matches_the_result_files():
-    expected = render.render(render.TEMPLATE.read_text())
-    assert render.TARGET.read_text() == expected, "docs/results.md is out of date: run python docs/render.py"
+PAGES = render.pages()
 
 
-def test_every_measured_figure_in_the_template_is_a_placeholder():
-    prose = render.PLACEHOLDER.sub("", render.TEMPLATE.read_text())
+def test_the_pages_are_rendered():
+    assert {page.name for _, page in PAGES} >= {"results.md", "selection.md"}
+
+
+@pytest.mark.parametrize("template, page", PAGES, ids=[p.name for _, p in PAGES])
+def test_each_page_matches_the_result_files(template, page):
+    assert page.read_text() == render.render(template.read_text()), f"{page.name} is out of date: run python docs/render.py"
+
+
+@pytest.mark.parametrize("template", [t for t, _ in PAGES], ids=[t.name for t, _ in PAGES])
+def test_every_measured_figure_in_a_template_is_a_placeholder(template):
+    prose = render.PLACEHOLDER.sub("", template.read_text())
     decimals = re.findall(r"(?<![\w.])[+-]?\d+\.\d+(?![\w.])", prose)
-    assert decimals == [], f"numbers typed into docs/results.md.in instead of read from results: {decimals}"
+    assert decimals == [], f"numbers typed into {template.name} instead of read from results: {decimals}"
 
 
 def test_a_changed_result_changes_the_page(tmp_path):
