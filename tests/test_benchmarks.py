@@ -107,12 +107,13 @@ def test_gpu_grid_runs_on_cpu_at_smoke_size_and_resumes(glue_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (grid / "results.jsonl").read_text().splitlines()]
     seeds = {(r["method"], r["seed"]) for r in records}
-    assert seeds == {("lora", 0), ("lora", 1), ("sadra", 0), ("sadra", 1), ("eva", 0)}  # method_seeds.eva=0
+    assert seeds == {("sadra", 0), ("sadra", 1), ("eva", 0)}  # method_seeds.eva=0
     assert all(r["preset"] == "gpu" and r["threads"] == 1 and r["train_samples"] == 32 for r in records)
-    assert "gpu_grid: 5 of 5 cells have results" in proc.stdout
-    assert {p.name for p in out.iterdir()} == {"results.jsonl", "failures.jsonl", "results.md", "report.md",
-                                               "benchmark_config.json", "metrics.png", "forest.png", "runs.tar.gz"} - \
-        ({"failures.jsonl"} if not (grid / "failures.jsonl").exists() else set())
+    assert "gpu_grid: 3 of 3 cells have results" in proc.stdout
+    names = {p.name for p in out.iterdir()}  # at most the 8 files a device call brings back
+    assert {"results.jsonl", "results.md", "report.md", "benchmark_config.json", "metrics.png", "runs.tar.gz"} <= names
+    assert names <= {"results.jsonl", "failures.jsonl", "results.md", "report.md", "benchmark_config.json",
+                     "metrics.png", "forest.png", "runs.tar.gz"}
     import tarfile
 
     with tarfile.open(out / "runs.tar.gz") as tar:
@@ -121,4 +122,4 @@ def test_gpu_grid_runs_on_cpu_at_smoke_size_and_resumes(glue_dir, tmp_path):
     assert not any(n.endswith(".safetensors") or "/checkpoints" in n for n in names)
     again = run_script(["bash", "benchmarks/gpu_grid.sh"], env, timeout=300)  # resumes: nothing left to run
     assert again.returncode == 0 and "started" not in again.stderr, again.stderr[-2000:]
-    assert (grid / "results.jsonl").read_text().count("\n") == 5
+    assert (grid / "results.jsonl").read_text().count("\n") == 3
