@@ -2,13 +2,18 @@
 # Sizing for the evidence preset: uniform LoRA (seed 0, the evidence preset's settings) on the
 # selection split (rows held out of each train file), at candidate training sizes. The preset takes
 # the smallest size at which LoRA clearly learns the task there; the dev sets are not read.
-# Usage: studies/size_evidence.sh TASK:ROWS ...   (ROWS "full": the whole train file less the selection rows)
+# Usage: studies/size_evidence.sh TASK:ROWS[:EPOCHS] ...
+#   ROWS "full": the whole train file less the selection rows; EPOCHS: the preset's unless given.
+# Each run goes to runs/sizing/TASK-ROWS[-EPOCHSep]/ (copy its metrics.json, config.yaml and
+# train_log.jsonl to results/sizing/ to keep them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GLUE=${SADRA_GLUE_DIR:-../shared/glue}
 for spec in "$@"; do
-  task=${spec%%:*} rows=${spec#*:}
-  size=(); [ "$rows" = full ] || size=(max_train_samples="$rows")
+  IFS=: read -r task rows epochs <<< "$spec"
+  extra=(); name="$task-$rows"
+  [ "$rows" = full ] || extra+=(max_train_samples="$rows")
+  if [ -n "${epochs:-}" ]; then extra+=(train.epochs="$epochs"); name="$name-${epochs}ep"; fi
   python3 -m sadra train --task "$task" --preset evidence --method lora --seed 0 --glue-dir "$GLUE" \
-    --out "runs/sizing/$task-$rows" --quiet eval_split=selection "${size[@]}"
+    --out "runs/sizing/$name" --quiet eval_split=selection "${extra[@]}"
 done
