@@ -71,3 +71,24 @@ def test_grid_file_adds_up_the_cells_of_each_invocation(tmp_path):
     assert grid["methods"] == ["lora"] and grid["cells"] == [["mrpc", "lora", 0], ["mrpc", "eva", 0], ["mrpc", "lora", 1]]
     missing = [line for line in write_report(tmp_path).read_text().splitlines() if line.startswith("- mrpc / ")]
     assert len(missing) == 3 and "- mrpc / eva / seed 0: not started" in missing
+
+
+def test_workers_auto_is_the_cores_over_each_cells_threads(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    cfg = load_benchmark_config("evidence")
+    assert cfg.workers == "auto" and cfg.run["train"]["threads"] == 1 and cfg.worker_count() == 8
+    cfg.apply(["train.threads=2"])
+    assert cfg.worker_count() == 4
+    cfg.apply(["workers=3"])
+    assert cfg.worker_count() == 3 and cfg.to_dict()["workers"] == 3
+    assert load_benchmark_config("smoke").worker_count() == 1  # no workers key: one cell at a time
+    with pytest.raises(ConfigError, match="positive whole number or 'auto'"):
+        cfg.apply(["workers=0"])
+
+
+def test_bad_workers_on_the_command_line(tmp_path, glue_dir):
+    proc = run_cli("benchmark", "--preset", "smoke", "--out", tmp_path / "b", "--workers", "many",
+                   env={"SADRA_GLUE_DIR": str(glue_dir)}, timeout=120)
+    assert_one_line_error(proc, "workers", "'auto'")

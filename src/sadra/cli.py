@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a separate series in OUT/SERIES (settings may differ from OUT's finished cells)")
     b.add_argument("--no-retry-failed", action="store_true",
                    help="skip cells recorded in failures.jsonl (by default a failed cell is retried once)")
-    b.add_argument("--workers", type=_positive_int, default=1,
-                   help="cell processes run at once, each claiming the next cell (give each fewer threads: train.threads=1)")
+    b.add_argument("--workers", default=None,
+                   help="cell processes run at once, each claiming the next cell: a number, or 'auto' (CPU cores / "
+                        "train.threads); default: the preset's workers (1 if it names none)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.epochs=2 per_method.full.train.learning_rate=5e-5")
 
@@ -255,7 +256,8 @@ def _run_settings(args) -> tuple[dict, str | None]:
         preset = args.preset
     elif args.config:
         data = load_yaml(args.config)
-        grid_keys = {"name", "tasks", "methods", "seeds", "method_seeds", "per_task", "per_method", "variants"}
+        grid_keys = {"name", "tasks", "methods", "seeds", "method_seeds", "workers", "per_task", "per_method",
+                     "variants"}
         if grid_keys & set(data):
             settings = BenchmarkConfig(data, where=args.config).resolve(*_task_method(args))
         else:
@@ -325,6 +327,8 @@ def cmd_benchmark(args) -> int:
         overrides.append("seeds=" + ",".join(str(s) for s in args.seeds))
     if args.glue_dir:
         overrides.append(f"glue_dir={args.glue_dir}")
+    if args.workers is not None:
+        overrides.append(f"workers={args.workers}")
     cfg = load_benchmark_config(args.preset, args.config, overrides)
     out = Path(args.out or os.path.join("runs", cfg.name))
     if args.series:
@@ -335,7 +339,7 @@ def cmd_benchmark(args) -> int:
     from .io import read_jsonl
 
     records = run_benchmark(cfg, out, progress=not args.quiet, retry_failed=not args.no_retry_failed,
-                            workers=args.workers)
+                            workers=cfg.worker_count())
     if not is_main_process():
         return 0
     print((out / "results.md").read_text())

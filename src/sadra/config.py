@@ -50,8 +50,9 @@ GRID_DEFAULTS: dict[str, Any] = {
     "tasks": ["sst2", "mrpc", "qnli"],
     "methods": list(METHODS),
     "seeds": [0],
+    "workers": 1,
 }
-_GRID_KEYS = ("name", "tasks", "methods", "seeds", "method_seeds", "per_task", "per_method", "variants")
+_GRID_KEYS = ("name", "tasks", "methods", "seeds", "method_seeds", "workers", "per_task", "per_method", "variants")
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -168,7 +169,7 @@ class BenchmarkConfig:
         data = dict(data or {})
         grid = copy.deepcopy(GRID_DEFAULTS)
         run_part = {k: v for k, v in data.items() if k not in _GRID_KEYS}
-        for key in ("name", "tasks", "methods", "seeds"):
+        for key in ("name", "tasks", "methods", "seeds", "workers"):
             if key in data:
                 grid[key] = data[key]
         self.where = where
@@ -185,6 +186,7 @@ class BenchmarkConfig:
         if any(s < 0 for s in self.seeds):
             raise ConfigError(f"{where}: seeds must be non-negative integers, got {self.seeds}")
         self.method_seeds = self._method_seeds(data.get("method_seeds") or {}, where)
+        self.workers = check_workers(grid["workers"], where)
         self.run = merge_run(RUN_DEFAULTS, run_part, where)
         self.per_task = self._overrides(data.get("per_task") or {}, "per_task", where)
         self.per_method = self._overrides(data.get("per_method") or {}, "per_method", where)
@@ -224,6 +226,16 @@ class BenchmarkConfig:
         A run restricted with ``--seeds`` therefore keeps each method's own limit."""
         own = self.method_seeds.get(method)
         return [s for s in self.seeds if own is None or s in own]
+
+    def worker_count(self) -> int:
+        """How many cells run at once: ``workers``, where ``auto`` is the CPU cores over each cell's
+        ``train.threads`` (1 if threads is unset: torch then takes every core for one cell)."""
+        if self.workers != "auto":
+            return self.workers
+        import os
+
+        threads = self.run["train"]["threads"]
+        return max(1, (os.cpu_count() or 1) // threads) if threads else 1
 
     def cells(self) -> list[tuple[str, str, int]]:
         """Every (task, method, seed) of the grid, in the order they run."""
@@ -279,6 +291,8 @@ class BenchmarkConfig:
                 items = value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
                 items = [int(v) if isinstance(v, str) and v.isdigit() else v for v in items]
                 self.method_seeds = self._method_seeds({**self.method_seeds, keys[1]: items}, f"override {text!r}")
+            elif keys[0] == "workers" and len(keys) == 1:
+                self.workers = check_workers(value, f"override {text!r}")
             elif keys[0] == "name" and len(keys) == 1:
                 self.name = check_name(value, f"override {text!r}")
             else:
@@ -295,7 +309,7 @@ class BenchmarkConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "tasks": self.tasks, "methods": self.methods, "seeds": self.seeds,
-                "method_seeds": self.method_seeds, **self.run, "per_task": self.per_task, "per_method": self.per_method,
+                "method_seeds": self.method_seeds, "workers": self.workers, **self.run, "per_task": self.per_task, "per_method": self.per_method,
                 "variants": self.variants}
 
 
@@ -323,6 +337,13 @@ def check_name(name: Any, where: str) -> str:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", name):
         raise ConfigError(f"{where}: name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (it names a folder)")
     return name
+
+
+def check_workers(value: Any, where: str) -> int | str:
+    """``workers``: a positive whole number, or ``auto``."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ConfigError(f"{where}: workers must be a positive whole number or 'auto', got {value!r}")
 
 
 def check_method(method: str) -> str:
