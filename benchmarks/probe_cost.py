@@ -265,6 +265,7 @@ from measure import mem_mb, reset_peak
 from sadra.config import load_benchmark_config
 cfg = load_benchmark_config(preset_name, overrides=[f"glue_dir={glue_dir}"])
 settings = cfg.resolve(task, "lora")
+settings["train"]["threads"] = None  # torch's own thread count, as in the calibration children
 if mode.startswith("calibrate"):
     from sadra.config import RUN_DEFAULTS
     from sadra.data import calibration_batches, load_glue, subsample
