@@ -244,7 +244,7 @@ def cmd_allocate(args) -> int:
 
 
 def _run_settings(args) -> tuple[dict, str | None]:
-    from .config import BenchmarkConfig, load_benchmark_config, load_yaml, merge_run, RUN_DEFAULTS
+    from .config import GRID_KEYS, BenchmarkConfig, load_benchmark_config, load_yaml, merge_run, RUN_DEFAULTS
 
     if args.config and args.preset:
         from .errors import ConfigError
@@ -256,9 +256,7 @@ def _run_settings(args) -> tuple[dict, str | None]:
         preset = args.preset
     elif args.config:
         data = load_yaml(args.config)
-        grid_keys = {"name", "tasks", "methods", "seeds", "method_seeds", "workers", "per_task", "per_method",
-                     "variants"}
-        if grid_keys & set(data):
+        if set(GRID_KEYS) & set(data):
             settings = BenchmarkConfig(data, where=args.config).resolve(*_task_method(args))
         else:
             settings = merge_run(RUN_DEFAULTS, data, args.config)

@@ -52,7 +52,7 @@ GRID_DEFAULTS: dict[str, Any] = {
     "seeds": [0],
     "workers": 1,
 }
-_GRID_KEYS = ("name", "tasks", "methods", "seeds", "method_seeds", "workers", "per_task", "per_method", "variants")
+GRID_KEYS = ("name", "tasks", "methods", "seeds", "method_seeds", "workers", "per_task", "per_method", "variants")
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -168,7 +168,7 @@ class BenchmarkConfig:
     def __init__(self, data: Mapping[str, Any] | None = None, where: str = "config"):
         data = dict(data or {})
         grid = copy.deepcopy(GRID_DEFAULTS)
-        run_part = {k: v for k, v in data.items() if k not in _GRID_KEYS}
+        run_part = {k: v for k, v in data.items() if k not in GRID_KEYS}
         for key in ("name", "tasks", "methods", "seeds", "workers"):
             if key in data:
                 grid[key] = data[key]
