@@ -268,10 +268,8 @@ class BenchmarkConfig:
         for text in overrides:
             keys, value = parse_override(text)
             if keys[0] in ("tasks", "methods", "seeds") and len(keys) == 1:
-                items = value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
                 kind = int if keys[0] == "seeds" else str
-                values = _check_list(keys[0], [int(v) if kind is int and str(v).lstrip("-").isdigit() else v for v in items],
-                                     kind, f"override {text!r}")
+                values = _check_list(keys[0], _override_items(value, kind), kind, f"override {text!r}")
                 if keys[0] == "tasks":
                     from .data import get_task
 
@@ -288,8 +286,7 @@ class BenchmarkConfig:
                 _deep_set(entry, keys[2:], value)
                 table.update(self._overrides({name: entry}, keys[0], f"override {text!r}"))
             elif keys[0] == "method_seeds" and len(keys) == 2:
-                items = value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
-                items = [int(v) if isinstance(v, str) and v.isdigit() else v for v in items]
+                items = _override_items(value, int)
                 self.method_seeds = self._method_seeds({**self.method_seeds, keys[1]: items}, f"override {text!r}")
             elif keys[0] == "workers" and len(keys) == 1:
                 self.workers = check_workers(value, f"override {text!r}")
@@ -309,8 +306,15 @@ class BenchmarkConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "tasks": self.tasks, "methods": self.methods, "seeds": self.seeds,
-                "method_seeds": self.method_seeds, "workers": self.workers, **self.run, "per_task": self.per_task, "per_method": self.per_method,
-                "variants": self.variants}
+                "method_seeds": self.method_seeds, "workers": self.workers, **self.run, "per_task": self.per_task,
+                "per_method": self.per_method, "variants": self.variants}
+
+
+def _override_items(value: Any, kind: type) -> list:
+    """A list override's items: a YAML list as given, else ``a1,a2`` split at commas (whole numbers
+    read as int when ``kind`` is int; anything else is left for the list check to name)."""
+    items = value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
+    return [int(v) if kind is int and str(v).lstrip("-").isdigit() else v for v in items]
 
 
 def _deep_set(d: dict, keys: list[str], value: Any) -> None:
