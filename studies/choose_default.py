@@ -74,8 +74,9 @@ def learning_rates(records: list[dict], families: list[str]) -> dict[str, dict]:
             if None not in seed0:
                 scores[factor] = sum(seed0) / len(TASKS)
         complete = len(scores) == len(LR_SUFFIXES)
-        out[family] = {"scores": scores, "complete": complete,
-                       "best": max(scores, key=scores.get) if complete else None}
+        # On a tie the learning rate already in use (1x) stays.
+        best = max(sorted(scores, key=lambda f: f != "1x"), key=scores.get) if complete else None
+        out[family] = {"scores": scores, "complete": complete, "best": best}
     return out
 
 
