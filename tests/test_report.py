@@ -81,3 +81,25 @@ def test_budget_figure_draws_each_arm_run_at_several_budgets(tmp_path):
     at_r2 = [dict(r, method=r["method"] + "-r2", lora_budget=r["lora_budget"] // 4,
                   metrics={k: v - 0.05 for k, v in r["metrics"].items()}) for r in records if r["method"] == "lora"]
     assert_valid_png(_budget_plot(records + at_r2, tmp_path / "budget.png"))
+
+
+def test_cost_table_leaves_resumed_runs_out_of_the_times():
+    """Real selection-study records: a run resumed from a checkpoint times only its last steps."""
+    from pathlib import Path
+
+    from sadra.results import results_table
+
+    source = Path(__file__).resolve().parents[1] / "results" / "selection" / "results.jsonl"
+    records = [json.loads(line) for line in source.read_text().splitlines()]
+    ga = [r for r in records if r["task"] == "sst2" and r["method"] == "lora-ga"]
+    resumed = [r for r in ga if r.get("resumed_from")]
+    fresh = [r for r in ga if not r.get("resumed_from")]
+    assert resumed and fresh  # seed 1 resumed from its last checkpoint and timed almost nothing
+
+    def cost_row(rows):
+        table = results_table(rows, ["lora-ga"])
+        return next(line for line in table.splitlines() if line.startswith("| sst2 | lora-ga |"))
+
+    expected = sum(r["train_seconds"] for r in fresh) / len(fresh)
+    assert cost_row(ga).split(" | ")[3] == f"{expected:.1f}"
+    assert cost_row(resumed).split(" | ")[2:6] == ["—", "—", "—", "—"]

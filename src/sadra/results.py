@@ -192,11 +192,14 @@ def _cost_section(by_cell, tasks, methods) -> list[str]:
                 cols.append(fmt.format(np.mean(vals)) if vals else "—")
             rows.append([task, m] + cols)
     return ["", "Cost per run (mean): calibration s, training s, calibration in training steps, training "
-            "examples/s, peak memory MB:", ""] + \
+            "examples/s, peak memory MB (times leave out runs resumed from a checkpoint):", ""] + \
         _table(["task", "method", "calibration s", "train s", "calibration / step", "examples/s", "peak MB"], rows)
 
 
 def _cost(rec: dict[str, Any], key: str) -> float | None:
+    # A run resumed from a checkpoint reloads its calibration and times only the steps left.
+    if rec.get("resumed_from") and key != "peak_memory_mb":
+        return None
     if key == "calibration_over_step":  # calibration time in units of one optimizer step of the same run
         steps, train, calib = rec.get("optimizer_steps"), rec.get("train_seconds"), rec.get("calibration_seconds")
         return calib / (train / steps) if steps and train and calib else None
