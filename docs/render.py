@@ -10,6 +10,9 @@ compares). Paths are relative to the repository root. Rerun it whenever a result
   {{seeds FOLDER TASK METHOD}}          how many seeds that cell has
   {{cells FOLDER}}                      how many cells have a result
   {{json FILE KEY[.KEY...] [FORMAT]}}   one value of a JSON file (FORMAT: a format spec, e.g. .2f)
+  {{choice FOLDER ranking|lr|default}}  the selection study's decision rule applied to FOLDER
+                                        (studies/choose_default.py): its ranking, learning-rate table
+                                        or the default it picks
 
   python docs/render.py           rewrite every page
   python docs/render.py --check   exit 1, naming the first line that differs, if a page is out of date
@@ -83,7 +86,18 @@ def json_value(root: Path, file: str, key: str, spec: str = "") -> str:
     return "null" if value is None else format(value, spec)
 
 
-FUNCTIONS = {"table": table, "mean": mean, "diff": diff, "seeds": seeds, "cells": cells, "json": json_value}
+def choice(root: Path, folder: str, part: str) -> str:
+    sys.path.insert(0, str(ROOT / "studies"))
+    import choose_default
+
+    parts = {"ranking": choose_default.ranking_table, "lr": choose_default.lr_table,
+             "default": choose_default.default_sentence}
+    if part not in parts:
+        raise ValueError(f"unknown choice part {part!r}; known: {', '.join(parts)}")
+    return parts[part](choose_default.choose(root / folder))
+
+
+FUNCTIONS = {"choice": choice, "table": table, "mean": mean, "diff": diff, "seeds": seeds, "cells": cells, "json": json_value}
 
 
 def render(template: str, root: Path = ROOT) -> str:

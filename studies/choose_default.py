@@ -102,15 +102,37 @@ def choose(folder: Path) -> dict:
     return {"ranking": ranking, "phase2": phase2, "learning_rates": lrs, "default": _default(ranking, lrs)}
 
 
-def _print(choice: dict) -> None:
-    print("arm | " + " | ".join(f"{t} diff [95% CI]" for t in TASKS) + " | average | uniform")
+def ranking_table(choice: dict) -> str:
+    """Markdown: each arm's paired difference to ``lora`` per task, the average, and whether it is uniform."""
+    rows = ["| arm | " + " | ".join(f"{t} (x100, 95% CI, n)" for t in TASKS) + " | average | uniform ranks |",
+            "|" + "---|" * (len(TASKS) + 3)]
     for a in choice["ranking"]:
-        cells = [f"{s['mean']:+.2f} [{s['ci_low']:+.2f}, {s['ci_high']:+.2f}] n={s['n']}" for s in a["per_task"].values()]
-        print(f"{a['arm']} | " + " | ".join(cells) + f" | {a['average']:+.2f} | {a['uniform']}")
+        cells = [f"{s['mean']:+.2f} [{s['ci_low']:+.2f}, {s['ci_high']:+.2f}] (n={s['n']})" if s["n"] > 1
+                 else f"{s['mean']:+.2f} (n=1)" for s in a["per_task"].values()]
+        uniform = {True: "yes", False: "no", None: "— (no allocation)"}[a["uniform"]]
+        rows.append(f"| `{a['arm']}` | " + " | ".join(cells) + f" | {a['average']:+.2f} | {uniform} |")
+    return "\n".join(rows)
+
+
+def lr_table(choice: dict) -> str:
+    """Markdown: seed 0's main metric averaged over the tasks at each learning rate, per family."""
+    rows = ["| arm | " + " | ".join(LR_SUFFIXES) + " | kept |", "|" + "---|" * (len(LR_SUFFIXES) + 2)]
     for family, lr in choice["learning_rates"].items():
-        print(f"learning rate, {family}: " + ", ".join(f"{k} {v:.2f}" for k, v in lr["scores"].items())
-              + f" -> {lr['best'] or 'incomplete'}")
-    print("default:", json.dumps(choice["default"]))
+        cells = [f"{lr['scores'][f]:.2f}" if f in lr["scores"] else "—" for f in LR_SUFFIXES]
+        rows.append(f"| `{family}` | " + " | ".join(cells) + f" | {lr['best'] or 'not run yet'} |")
+    return "\n".join(rows)
+
+
+def default_sentence(choice: dict) -> str:
+    """One sentence: what the rule picks from the results so far."""
+    d = choice["default"]
+    if d is None:
+        return "No candidate rule has results on every task yet."
+    tie = f" (tied with {', '.join(f'`{t}`' for t in d['tied_with'])})" if d["tied_with"] else ""
+    lr = d["learning_rate_factor"] or "not checked yet"
+    versus = "ties with `lora` (an interval contains 0)" if d["ties_lora"] else "beats `lora` on every task"
+    return (f"`{d['arm']}`{tie}, average difference {d['average']:+.2f}; learning rate {lr} "
+            f"(from `{d['learning_rate_from']}`'s check); it {versus}.")
 
 
 def main() -> int:
@@ -123,7 +145,7 @@ def main() -> int:
         return 2
     choice = choose(folder)
     write_json(folder / "choice.json", choice)
-    _print(choice)
+    print(ranking_table(choice), lr_table(choice), "default: " + default_sentence(choice), sep="\n\n")
     return 0
 
 
