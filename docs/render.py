@@ -6,9 +6,10 @@ compares). Paths are relative to the repository root. Rerun it whenever a result
 
   {{table FOLDER}}                      the results table of a benchmark folder (as in its results.md)
   {{mean FOLDER TASK METHOD METRIC}}    mean ± s.d. over seeds (x100; cross-entropy ``loss`` as is)
-  {{diff FOLDER TASK METHOD METRIC}}    METHOD minus lora, paired by seed: mean [95% CI] (n)
+  {{diff FOLDER TASK METHOD METRIC [REF]}}  METHOD minus REF (default lora), paired by seed: mean [95% CI] (n)
   {{seeds FOLDER TASK METHOD}}          how many seeds that cell has
   {{cells FOLDER}}                      how many cells have a result
+  {{figure PATH ALT...}}                an image link from docs/ to PATH, or a note while PATH is not drawn
   {{json FILE KEY[.KEY...] [FORMAT]}}   one value of a JSON file (FORMAT: a format spec, e.g. .2f)
   {{choice FOLDER ranking|lr|default}}  the selection study's decision rule applied to FOLDER
                                         (studies/choose_default.py): its ranking, learning-rate table
@@ -60,9 +61,12 @@ def mean(root: Path, folder: str, task: str, method: str, metric: str) -> str:
     return _fmt(list(_values(root, folder, task, method, metric).values()), scale, digits)
 
 
-def diff(root: Path, folder: str, task: str, method: str, metric: str) -> str:
+def diff(root: Path, folder: str, task: str, method: str, metric: str, reference: str = REFERENCE) -> str:
     scale, digits = _scale(metric)
-    stat = paired_stats(_values(root, folder, task, method, metric), _values(root, folder, task, REFERENCE, metric))
+    values, ref = _values(root, folder, task, method, metric), _values(root, folder, task, reference, metric)
+    if not values or not ref:
+        return "—"
+    stat = paired_stats(values, ref)
     if stat is None:
         return "— (no seed in common)"
     if stat["n"] < 2:
@@ -77,6 +81,12 @@ def seeds(root: Path, folder: str, task: str, method: str) -> str:
 
 def cells(root: Path, folder: str) -> str:
     return str(len({(r["task"], r["method"], r["seed"]) for r in _records(root, folder)}))
+
+
+def figure(root: Path, path: str, *alt: str) -> str:
+    if not (root / path).exists():
+        return f"*({' '.join(alt)}: not drawn yet, `{path}` appears when its runs have finished)*"
+    return f"![{' '.join(alt)}](../{path})"
 
 
 def json_value(root: Path, file: str, key: str, spec: str = "") -> str:
@@ -97,7 +107,8 @@ def choice(root: Path, folder: str, part: str) -> str:
     return parts[part](choose_default.choose(root / folder))
 
 
-FUNCTIONS = {"choice": choice, "table": table, "mean": mean, "diff": diff, "seeds": seeds, "cells": cells, "json": json_value}
+FUNCTIONS = {"choice": choice, "table": table, "mean": mean, "diff": diff, "seeds": seeds, "cells": cells, "json": json_value,
+             "figure": figure}
 
 
 def render(template: str, root: Path = ROOT) -> str:
