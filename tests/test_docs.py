@@ -51,3 +51,14 @@ def test_a_changed_result_changes_the_page(tmp_path):
     assert before.split(" / ")[1] == after.split(" / ")[1] == f"{spearman:.2f}"
     with pytest.raises(ValueError, match="unknown placeholder"):
         render.render("{{median results/selection}}", tmp_path)
+
+
+def test_figure_and_reference_placeholders(tmp_path):
+    shutil.copytree(ROOT / "results/selection", tmp_path / "results/selection", ignore=shutil.ignore_patterns("sst2", "mrpc"))
+    assert render.render("{{figure results/selection/forest.png a b}}", tmp_path) == \
+        "![a b](../results/selection/forest.png)"
+    assert "not drawn yet" in render.render("{{figure results/evidence/forest.png a}}", tmp_path)
+    # prop-fisher minus itself is zero on every seed; minus a method that has not run is a dash.
+    assert render.render("{{diff results/selection sst2 prop-fisher accuracy prop-fisher}}", tmp_path).startswith(
+        "+0.00 [+0.00, +0.00]")
+    assert render.render("{{diff results/selection sst2 prop-fisher accuracy lora-r2}}", tmp_path) == "—"
