@@ -84,6 +84,8 @@ CASES = [
     (["benchmark", "--preset", "smoke", "--out", "{results}", "methods=lora,dora"], ["unknown method", "dora"]),
     (["benchmark", "--preset", "smoke", "--out", "{results}", "probe.estimator=kfac"], ["probe.estimator", "fisher"]),
     (["benchmark", "--preset", "smoke", "--out", "{results}", "name=../../escape"], ["name", "folder"]),
+    (["train", "--task", "sst2", "--method", "sadra", "--out", "{root}/o11", "allocate.rule=spectral", "probe.estimator=fisher"],
+     ["allocate.rule=spectral", "probe.estimator=gradient", "allocate.rule=proportional"]),
     (["benchmark", "--preset", "smoke", "--out", "{results}", "per_method.lora.train.lr=1"], ["unknown key", "learning_rate"]),
     (["benchmark", "--preset", "smoke", "--config", "{root}/typo.yaml", "--out", "{results}"], ["--preset or --config"]),
     (["benchmark", "--config", "{root}/not_yaml.yaml", "--out", "{results}"], ["not valid YAML"]),
