@@ -70,6 +70,8 @@ def test_bad_data_and_budgets_name_the_fix(tokenised, sst2_rows):
         auto_lora_config(model, 42)
     with pytest.raises(DataError, match="no input_ids"):
         auto_lora_config(model, Dataset.from_dict({"text": ["a"]}), tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="probe.estimator=gradient"):  # refused before the probe runs
+        auto_lora_config(model, 42, signal="fisher", rule="spectral")
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def auto_lora_config(model, data, *, budget: str | int = "lora-r8", signal: str 
     """
     from .adapt import allocation_options, probe_options
     from .allocate import allocate_ranks
-    from .config import RUN_DEFAULTS, merge_run
+    from .config import RUN_DEFAULTS, check_signal_and_rule, merge_run
     from .models import head_module_names
     from .probe import estimate_sensitivity
 
@@ -48,6 +48,7 @@ def auto_lora_config(model, data, *, budget: str | int = "lora-r8", signal: str 
         "probe": {**({"estimator": signal} if signal else {}), **dict(probe or {})},
         "allocate": {**({"rule": rule} if rule else {}), **dict(allocate or {})},
         "lora": {"r": base_rank}, "max_length": max_length}, "auto_lora_config")
+    check_signal_and_rule("sadra", settings)
     pr = settings["probe"]
     causal = _is_causal_lm(model)
     batches = calibration_data(data, tokenizer=tokenizer, causal=causal, num_batches=num_batches or pr["num_batches"],

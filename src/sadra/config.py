@@ -41,11 +41,11 @@ SPECTRUM_SIGNALS = ("gradient",)
 def method_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` with what ``method`` fixes applied (``sadra-seed`` always probes with Hutchinson)."""
     run = merge_run(dict(settings), METHOD_SETTINGS.get(method, {}), f"method {method}")
-    _check_signal_and_rule(method, run)
+    check_signal_and_rule(method, run)
     return run
 
 
-def _check_signal_and_rule(method: str, run: Mapping[str, Any]) -> None:
+def check_signal_and_rule(method: str, run: Mapping[str, Any]) -> None:
     """A spectral rule reads the gradient spectrum: say so before any model is loaded, not after the probe."""
     rule, signal = run["allocate"]["rule"], run["probe"]["estimator"]
     probes = method in ALLOCATED_METHODS and method != "random" and not run["probe_file"] and not run["allocation_file"]
