@@ -23,7 +23,7 @@ SIZE=()
 if [ "${SADRA_GPU_GRID_SIZE:-full}" = smoke ]; then
   WORKERS=${SADRA_GPU_WORKERS:-2}
   SIZE=(tasks=mrpc methods=sadra,eva seeds=0,1 method_seeds.eva=0 max_train_samples=32 max_eval_samples=32
-        max_length=32 train.batch_size=8 probe.num_batches=1 probe.batch_size=8 probe.max_probes=2
+        max_length=32 train.batch_size=8 probe.num_batches=2 probe.batch_size=8 probe.max_probes=2
         probe.min_probes=1 probe.head_warmup_steps=2 eva.num_batches=2 eva.batch_size=8 eva.tau=0.5)
 fi
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

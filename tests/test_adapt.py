@@ -94,7 +94,7 @@ def test_readme_python_example_runs(glue_dir, monkeypatch):
     text = (Path(__file__).parent.parent / "README.md").read_text()
     code = re.search(r"## Python API\s+```python\n(.*?)```", text, re.S).group(1)
     code = code.replace('"../shared/glue"', repr(str(glue_dir))).replace("max_probes=16", "max_probes=2")
-    code = code.replace("num_batches=4, batch_size=16", "num_batches=1, batch_size=4").replace("head_warmup_steps=50", "head_warmup_steps=2")
+    code = code.replace("num_batches=4, batch_size=16", "num_batches=2, batch_size=4").replace("head_warmup_steps=50", "head_warmup_steps=2")
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     alloc, peft_model = namespace["alloc"], namespace["peft_model"]

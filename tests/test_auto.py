@@ -40,7 +40,7 @@ def test_dataset_dataloader_batches_and_pairs_give_the_same_allocation(tokenised
     config = auto_lora_config(model, ds, tokenizer=tokenizer, task_type="SEQ_CLS", lora_dropout=0.1, **FAST)
     alloc = config.sadra_allocation
     assert alloc.params <= alloc.budget == 331_776 and config.modules_to_save == ["classifier"]
-    assert config.lora_dropout == 0.1 and config.sadra_report.estimator == "fisher"
+    assert config.lora_dropout == 0.1 and config.sadra_report.estimator == "gradient"
     assert built_ranks(model, config) == {n: r for n, r in alloc.ranks.items() if r > 0}
 
     # The same 16 rows as batches, through a DataLoader, and as (text, label) pairs: the same probe input.

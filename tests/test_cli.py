@@ -25,15 +25,15 @@ def test_probe_writes_a_report(probe_json):
     assert data["meta"]["task"] == "sst2"
 
 
-def test_probe_reads_glue_dir_from_the_environment_and_defaults_to_fisher(tmp_path, glue_dir):
-    out = tmp_path / "fisher.json"
+def test_probe_reads_glue_dir_from_the_environment_and_defaults_to_the_gradient_signal(tmp_path, glue_dir):
+    out = tmp_path / "gradient.json"
     proc = run_cli("probe", "--task", "mrpc", "--max-probes", "2", "--batch-size", "4",
                    "--num-batches", "2", "--max-length", "48", "--head-warmup-steps", "0", "--out", out,
                    env={"SADRA_GLUE_DIR": str(glue_dir)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert data["estimator"] == "fisher" and all(v >= 0 for v in data["scores"].values())
-    assert data["meta"]["probes_per_batch"] == 1
+    assert data["estimator"] == "gradient" and all(v >= 0 for v in data["scores"].values())
+    assert data["meta"]["probes_per_batch"] == 1 and len(data["spectra"]) == 36
 
 
 def test_allocate_prints_table_and_writes_json(probe_json, tmp_path):

@@ -96,7 +96,7 @@ def test_probe_and_train_causal_lm_from_the_cli(tiny_lm, tmp_path):
     train = run_cli("train", "--task", "causal-lm", "--text-file", text, "--method", "sadra", "--model", folder,
                     "--out", tmp_path / "run", "--quiet", "max_train_samples=48", "max_eval_samples=16", "max_length=24",
                     "train.epochs=1", "train.batch_size=8", "lora.r=4", "allocate.min_rank=1", "allocate.max_rank=16",
-                    "probe.max_probes=2", "probe.batch_size=4", "probe.num_batches=1", "train.threads=2")
+                    "probe.max_probes=2", "probe.batch_size=4", "probe.num_batches=2", "train.threads=2")
     assert train.returncode == 0, train.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["main_metric"] == "perplexity" and 1 < record["metrics"]["perplexity"] < 1e6

@@ -200,7 +200,7 @@ def test_probe_on_real_minilm_with_sdpa_attention_and_head_warmup(minilm, sst2_r
     assert all(math.isfinite(v) for v in hutch.scores.values())
 
 
-def test_default_estimator_is_fisher_with_one_round_per_batch(tiny):
+def test_default_estimator_is_the_gradient_signal_with_one_pass(tiny):
     net, batch = tiny
     other = (batch[0].flip(0), batch[1].flip(0))
     seen = []
@@ -209,9 +209,11 @@ def test_default_estimator_is_fisher_with_one_round_per_batch(tiny):
         seen.append(torch.equal(b[0], other[0]))
         return logits_of(model, b)
 
-    report = estimate_sensitivity(net, [batch, other], targets=TARGETS, logits_fn=logits_spy, max_probes=4, rtol=0)
-    assert report.estimator == "fisher" and report.meta["probes_per_batch"] == 1
-    assert seen == [False, True, False, True]  # one forward per round, cycling over the batches
+    report = estimate_sensitivity(net, [batch, other], targets=TARGETS, loss_fn=ce_loss, logits_fn=logits_spy,
+                                  max_probes=4, rtol=0)
+    assert report.estimator == "gradient" and report.meta["probes_per_batch"] == 1
+    assert set(report.spectra) == set(TARGETS) and report.probes == 2
+    assert seen == [False, True]  # one round per batch, one pass over the batches
 
 
 def _head_after_warm_up(model, batches, steps, **kwargs):

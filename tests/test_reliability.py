@@ -14,7 +14,7 @@ import torch
 from conftest import assert_one_line_error, run_cli
 
 TINY = ["max_train_samples=48", "max_eval_samples=32", "max_length=24", "train.epochs=1", "train.batch_size=8",
-        "train.logging_steps=1", "train.threads=2", "probe.max_probes=2", "probe.batch_size=4", "probe.num_batches=1",
+        "train.logging_steps=1", "train.threads=2", "probe.max_probes=2", "probe.batch_size=4", "probe.num_batches=2",
         "probe.head_warmup_steps=2"]
 
 

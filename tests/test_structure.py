@@ -58,7 +58,7 @@ def test_the_python_api_takes_its_defaults_from_the_settings():
     expected = {
         estimate_sensitivity: {"estimator": "probe.estimator", "mode": "probe.mode", "max_probes": "probe.max_probes",
                                "min_probes": "probe.min_probes", "rtol": "probe.rtol"},
-        allocate_ranks: {"rule": "allocate.rule", "base_rank": "lora.r", "min_rank": "allocate.min_rank",
+        allocate_ranks: {"base_rank": "lora.r", "min_rank": "allocate.min_rank",
                          "max_rank": "allocate.max_rank", "prune": "allocate.prune",
                          "normalize": "allocate.normalize", "power": "allocate.power"},
     }
@@ -66,3 +66,15 @@ def test_the_python_api_takes_its_defaults_from_the_settings():
         params = inspect.signature(function).parameters
         for name, path in paths.items():
             assert params[name].default == default_of(path), f"{function.__name__}({name}=...) != settings {path}"
+
+
+def test_allocate_ranks_default_rule_is_the_settings_rule_where_the_input_supports_it():
+    from sadra.allocate import SignalData, allocate_ranks, default_rule
+    from sadra.settings import default_of
+
+    shapes = {"a": (8, 8), "b": (8, 8)}
+    traces = SignalData(scores={"a": 1.0, "b": 3.0}, shapes=shapes)
+    spectra = SignalData(scores={"a": 1.0, "b": 3.0}, shapes=shapes, spectra={"a": [2.0, 1.0], "b": [1.0]})
+    assert default_rule(spectra) == default_of("allocate.rule") == "spectral"
+    assert default_rule(traces) == "proportional"  # plain scores or a trace support only the proportional rule
+    assert allocate_ranks({"a": 1.0, "b": 3.0}, shapes=shapes).rule == "proportional"

@@ -95,7 +95,7 @@ def test_gradient_checkpointing_works_with_every_method(method, tmp_path, glue_d
     settings = {"glue_dir": str(glue_dir), "max_train_samples": 16, "max_eval_samples": 8, "max_length": 24,
                 "train": {"epochs": 1.0, "batch_size": 8, "grad_accum": 1, "eval_batch_size": 4, "threads": 2,
                           "gradient_checkpointing": True, "logging_steps": 1},
-                "probe": {"max_probes": 2, "batch_size": 4, "num_batches": 1, "head_warmup_steps": 1},
+                "probe": {"max_probes": 2, "batch_size": 4, "num_batches": 2, "head_warmup_steps": 1},
                 "eva": {"num_batches": 2, "batch_size": 8, "tau": 0.5}}
     record = train_mod.run_glue("mrpc", method, 0, tmp_path / method, settings, progress=False)
     assert record["optimizer_steps"] == 2 and np.isfinite(record["metrics"]["loss"])

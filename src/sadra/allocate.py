@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import BudgetError, DataError
-from .settings import default_of
+from .settings import SPECTRAL_RULES, default_of
 
 NORMALIZE_CHOICES = ("none", "per_param")
 
@@ -374,10 +374,17 @@ def _check_ranks(base_rank: Any, min_rank: Any, max_rank: Any) -> None:
         raise BudgetError("max_rank is 0, so no module can get an adapter; choose max_rank >= 1")
 
 
+def default_rule(signal: SignalData) -> str:
+    """``allocate.rule``'s default, or ``proportional`` for input without a gradient spectrum (a trace or
+    plain scores), which is the only rule such input supports."""
+    rule = default_of("allocate.rule")
+    return rule if rule not in SPECTRAL_RULES or signal.spectra else "proportional"
+
+
 def allocate_ranks(
     report_or_scores: Any,
     *,
-    rule: str = default_of("allocate.rule"),
+    rule: str | None = None,
     shapes: Mapping[str, tuple[int, int]] | None = None,
     budget: int | str | None = None,
     base_rank: int = default_of("lora.r"),
@@ -390,13 +397,16 @@ def allocate_ranks(
     """Integer ranks per module under a LoRA parameter budget, valued by ``rule``.
 
     ``report_or_scores`` is a :class:`~sadra.probe.SensitivityReport` or a dict of scores (then
-    ``shapes`` maps each module to ``(d_out, d_in)``). ``rule`` names an entry of :data:`RULES`.
+    ``shapes`` maps each module to ``(d_out, d_in)``). ``rule`` names an entry of :data:`RULES`; None
+    takes :func:`default_rule` (sadra's default for a report with the gradient spectrum, else
+    ``proportional``).
     ``budget`` is a parameter count, ``"lora-r<k>"``, or None for uniform ``base_rank`` on the same
     modules. See the module docstring. Raises :class:`BudgetError` on infeasible constraints.
     """
+    signal = _signal_from(report_or_scores, shapes)
+    rule = rule or default_rule(signal)
     if rule not in RULES:
         raise BudgetError(f"unknown rule {rule!r}; choose one of: {', '.join(RULES)}")
-    signal = _signal_from(report_or_scores, shapes)
     _check_ranks(base_rank, min_rank, max_rank)
     total_budget = resolve_budget(budget, signal.shapes, base_rank)
     if total_budget < 0:

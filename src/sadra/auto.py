@@ -29,7 +29,8 @@ def auto_lora_config(model, data, *, budget: str | int = "lora-r8", signal: str 
     (dicts of tensors), a ``datasets.Dataset`` with tokenised columns (``input_ids``, ... and
     ``label``/``labels``), or a list of texts together with ``tokenizer`` (a causal LM learns the
     texts themselves; a classifier needs ``(text, label)`` pairs). ``budget`` is ``"lora-r<k>"`` (the parameters of uniform rank k on the same
-    modules) or a parameter count. ``signal`` and ``rule`` default to ``sadra``'s defaults;
+    modules) or a parameter count. ``signal`` and ``rule`` default to ``sadra``'s defaults (with a
+    ``signal`` that measures no gradient spectrum, ``rule`` defaults to ``proportional``);
     ``probe`` / ``allocate`` override further settings (``sadra.settings.ProbeSettings`` /
     ``AllocateSettings``). Other keyword arguments go to ``LoraConfig`` (``task_type``,
     ``lora_dropout``, ...); a classifier's fresh head is added to ``modules_to_save`` unless given.
@@ -39,7 +40,7 @@ def auto_lora_config(model, data, *, budget: str | int = "lora-r8", signal: str 
     """
     from .adapt import allocation_options, probe_options
     from .allocate import allocate_ranks
-    from .config import RUN_DEFAULTS, check_signal_and_rule, merge_run
+    from .config import RUN_DEFAULTS, SPECTRUM_SIGNALS, check_signal_and_rule, merge_run
     from .models import head_module_names
     from .probe import estimate_sensitivity
 
@@ -48,6 +49,8 @@ def auto_lora_config(model, data, *, budget: str | int = "lora-r8", signal: str 
         "probe": {**({"estimator": signal} if signal else {}), **dict(probe or {})},
         "allocate": {**({"rule": rule} if rule else {}), **dict(allocate or {})},
         "lora": {"r": base_rank}, "max_length": max_length}, "auto_lora_config")
+    if not rule and "rule" not in (allocate or {}) and settings["probe"]["estimator"] not in SPECTRUM_SIGNALS:
+        settings["allocate"]["rule"] = "proportional"  # the one rule a trace supports (see allocate.default_rule)
     check_signal_and_rule("sadra", settings)
     pr = settings["probe"]
     causal = _is_causal_lm(model)

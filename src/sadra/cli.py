@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     sub.required = True
 
-    from .settings import default_of, help_of
+    from .settings import RULES, default_of, help_of
 
     p = sub.add_parser("probe", help="measure each module's signal (curvature, gradient spectrum) on calibration batches")
     p.add_argument("--model", default=default_of("model"), help=help_of("model"))
@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("allocate", help="allocate ranks from a probe report under a parameter budget")
     a.add_argument("probe", help="probe report written by 'sadra probe'")
-    a.add_argument("--rule", default=default_of("allocate.rule"), help=help_of("allocate.rule"))
+    a.add_argument("--rule", default=None, choices=RULES,
+                   help=f"{help_of('allocate.rule')}. Default: {default_of('allocate.rule')} for a report with the "
+                        "gradient spectrum (--estimator gradient), else proportional")
     a.add_argument("--budget", default=f"lora-r{default_of('lora.r')}",
                    help="'lora-r<k>' (uniform rank k on the same modules) or a parameter count")
     a.add_argument("--base-rank", type=_positive_int, default=default_of("lora.r"), help="rank of the uniform LoRA it replaces")

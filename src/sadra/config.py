@@ -33,9 +33,7 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-# Rules that read the gradient spectrum, and the signals that measure one.
-SPECTRAL_RULES = ("spectral", "spectral-newton")
-SPECTRUM_SIGNALS = ("gradient",)
+SPECTRAL_RULES, SPECTRUM_SIGNALS = _settings.SPECTRAL_RULES, _settings.SPECTRUM_SIGNALS
 
 
 def method_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,9 @@ def group(cls: type, help: str) -> Any:
 
 ESTIMATORS = ("fisher", "hutchinson", "gradient")
 RULES = ("proportional", "spectral", "spectral-newton")
+# Rules that read the gradient spectrum, and the signals that measure one.
+SPECTRAL_RULES = ("spectral", "spectral-newton")
+SPECTRUM_SIGNALS = ("gradient",)
 INITS = ("default", "gradient")
 
 
@@ -71,9 +74,9 @@ class LoraSettings:
 
 @dataclass
 class ProbeSettings:
-    estimator: str = setting("fisher", "the signal measured per module before training: fisher (Monte-Carlo Fisher "
-                             "trace), hutchinson (Hessian trace) or gradient (mean-gradient spectrum and Fisher trace)",
-                             choices=ESTIMATORS)
+    estimator: str = setting("gradient", "the signal measured per module before training: gradient (mean-gradient "
+                             "spectrum and Fisher trace; the default, chosen by the selection study), fisher "
+                             "(Monte-Carlo Fisher trace) or hutchinson (Hessian trace)", choices=ESTIMATORS)
     mode: str = setting("per_module", "Hutchinson only: per_module (one HvP per module) or joint (one HvP per round)",
                         choices=("per_module", "joint"))
     num_batches: int = setting(4, "calibration batches drawn from the train split", check="positive")
@@ -93,9 +96,9 @@ class ProbeSettings:
 
 @dataclass
 class AllocateSettings:
-    rule: str = setting("proportional", "what a rank is worth: proportional (rank ~ score), spectral (greedy by "
-                        "sigma_j^2 per parameter) or spectral-newton (sigma_j^2 / Fisher curvature per weight)",
-                        choices=RULES)
+    rule: str = setting("spectral", "what a rank is worth: spectral (greedy by sigma_j^2 per parameter; the default, "
+                        "chosen by the selection study), spectral-newton (sigma_j^2 / Fisher curvature per weight) or "
+                        "proportional (rank ~ score)", choices=RULES)
     min_rank: int = setting(2, "smallest rank of a kept module", check="non_negative")
     max_rank: int = setting(32, "largest rank of any module", check="positive")
     prune: bool = setting(False, "allow rank 0 (no adapter) where a module is worth less than min_rank")
