@@ -51,8 +51,10 @@ setup_seconds = 0.0
 if method == "lora":
     model = get_peft_model(model, uniform_lora_config(targets, r=8, alpha=16, dropout=0.1, modules_to_save=heads, task_type="SEQ_CLS"))
 elif method == "sadra":
-    report = estimate_sensitivity(model, batches[:4], max_probes=8, rtol=0)  # the default (Fisher) probe
-    alloc = allocate_ranks(report, budget=uniform_budget(shapes, 8), min_rank=2, max_rank=32)
+    # The Fisher trace with the proportional rule: uneven ranks, whose training speed is what is measured
+    # (the default spectral rule allocates uniform ranks on this model).
+    report = estimate_sensitivity(model, batches[:4], estimator="fisher", max_probes=8, rtol=0)
+    alloc = allocate_ranks(report, rule="proportional", budget=uniform_budget(shapes, 8), min_rank=2, max_rank=32)
     model = get_peft_model(model, allocated_lora_config(alloc, dropout=0.1, alpha_ratio=2.0, use_rslora=False, modules_to_save=heads, task_type="SEQ_CLS"))
 elif method == "adalora":
     settings = dict(init_r=12, target_r=8, alpha=16.0, tinit_ratio=0.1, tfinal_ratio=0.3, deltaT=1, beta1=0.85, beta2=0.85, orth_reg_weight=0.1)
