@@ -49,13 +49,18 @@ def test_records_carry_metrics_costs_and_provenance(smoke_out):
 
 def test_run_folders_hold_config_probe_allocation_log_and_safetensors(smoke_out):
     out, _, _ = smoke_out
+    allocations = {}
     for method in ("sadra", "sadra-seed"):
         folder = out / "mrpc" / method / "seed0"
         for name in ("config.yaml", "probe.json", "allocation.json", "train_log.jsonl", "metrics.json"):
             assert (folder / name).is_file(), (method, name)
         assert (folder / "adapter" / "adapter_model.safetensors").is_file()
-        ranks = json.loads((folder / "allocation.json").read_text())["ranks"]
-        assert len(ranks) == 36 and len(set(ranks.values())) > 1
+        allocations[method] = json.loads((folder / "allocation.json").read_text())
+        assert len(allocations[method]["ranks"]) == 36
+        assert allocations[method]["params"] <= allocations[method]["budget"] == 331_776
+    # The default reads the gradient spectrum (uniform ranks on MiniLM); the seed's rule spreads rank by trace.
+    assert (allocations["sadra"]["estimator"], allocations["sadra"]["rule"]) == ("gradient", "spectral")
+    assert len(set(allocations["sadra-seed"]["ranks"].values())) > 1
     log = [json.loads(line) for line in (out / "sst2" / "lora" / "seed0" / "train_log.jsonl").read_text().splitlines()]
     assert any("loss" in e for e in log) and any("eval_accuracy" in e for e in log)
     assert (out / "sst2" / "full" / "seed0" / "model" / "model.safetensors").is_file()

@@ -81,8 +81,9 @@ def test_a_pattern_that_matches_nothing_is_caught(allocation):
 
 def test_cli_probe_then_export_each_format(glue_dir, tmp_path):
     probe = tmp_path / "probe.json"
-    proc = run_cli("probe", "--glue-dir", glue_dir, "--num-batches", 1, "--batch-size", 8, "--max-probes", 2,
-                   "--head-warmup-steps", 5, "--out", probe, timeout=600)
+    # A Fisher probe: `allocate` then defaults to the proportional rule, whose ranks are uneven.
+    proc = run_cli("probe", "--glue-dir", glue_dir, "--estimator", "fisher", "--num-batches", 1, "--batch-size", 8,
+                   "--max-probes", 2, "--head-warmup-steps", 5, "--out", probe, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Warning" not in proc.stderr and "Loading weights" not in proc.stderr  # a clean terminal
     outs = {}

@@ -105,8 +105,10 @@ def test_probe_and_peft_export_for_smollm2_from_the_cli(glue_dir, tmp_path):
     from sadra.adapt import lora_ranks
 
     probe, folder = tmp_path / "probe.json", tmp_path / "cfg"
-    proc = run_cli("probe", "--model", "smollm2", "--task", "sst2-lm", "--glue-dir", glue_dir, "--num-batches", 1,
-                   "--batch-size", 4, "--max-probes", 2, "--max-length", 48, "--out", probe, timeout=600)
+    # A Fisher probe (one batch): `allocate` then defaults to the proportional rule, whose ranks are uneven.
+    proc = run_cli("probe", "--model", "smollm2", "--task", "sst2-lm", "--glue-dir", glue_dir, "--estimator", "fisher",
+                   "--num-batches", 1, "--batch-size", 4, "--max-probes", 2, "--max-length", 48, "--out", probe,
+                   timeout=600)
     assert proc.returncode == 0 and "probed 210 modules" in proc.stdout, proc.stderr[-2000:]
     folder.mkdir()
     proc = run_cli("allocate", probe, "--format", "peft", "--task-type", "CAUSAL_LM", "--prune", "--min-rank", 1,
