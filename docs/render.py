@@ -32,6 +32,8 @@ from sadra.io import read_jsonl
 from sadra.results import REFERENCE, _fmt, paired_stats, results_table
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "studies"))
+import choose_default  # noqa: E402  (the selection study's decision rule)
 DOCS = ROOT / "docs"
 PLACEHOLDER = re.compile(r"\{\{(.+?)\}\}")
 
@@ -96,15 +98,17 @@ def json_value(root: Path, file: str, key: str, spec: str = "") -> str:
     return "null" if value is None else format(value, spec)
 
 
-def choice(root: Path, folder: str, part: str) -> str:
-    sys.path.insert(0, str(ROOT / "studies"))
-    import choose_default
+@lru_cache(maxsize=None)
+def _choice(root: Path, folder: str) -> dict:
+    return choose_default.choose(root / folder)
 
+
+def choice(root: Path, folder: str, part: str) -> str:
     parts = {"ranking": choose_default.ranking_table, "lr": choose_default.lr_table,
              "default": choose_default.default_sentence}
     if part not in parts:
         raise ValueError(f"unknown choice part {part!r}; known: {', '.join(parts)}")
-    return parts[part](choose_default.choose(root / folder))
+    return parts[part](_choice(root, folder))
 
 
 FUNCTIONS = {"choice": choice, "table": table, "mean": mean, "diff": diff, "seeds": seeds, "cells": cells, "json": json_value,
@@ -113,6 +117,7 @@ FUNCTIONS = {"choice": choice, "table": table, "mean": mean, "diff": diff, "seed
 
 def render(template: str, root: Path = ROOT) -> str:
     _records.cache_clear()
+    _choice.cache_clear()
 
     def replace(match: re.Match) -> str:
         name, *args = match.group(1).split()

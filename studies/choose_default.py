@@ -53,7 +53,8 @@ def _arm(records: list[dict], folder: Path, arm: str) -> dict | None:
             return None
         per_task[task] = {k: stat[k] for k in ("n", "mean", "ci_low", "ci_high")}
     uniform = [_uniform(folder, task, arm) for task in TASKS]
-    return {"arm": arm, "candidate": arm in CANDIDATES, "per_task": per_task,
+    init = next(r.get("init", "default") for r in records if r["method"] == arm)
+    return {"arm": arm, "candidate": arm in CANDIDATES, "per_task": per_task, "init": init,
             "average": sum(t["mean"] for t in per_task.values()) / len(TASKS),
             "uniform": None if None in uniform else all(uniform)}
 
@@ -87,7 +88,7 @@ def _default(ranking: list[dict], lrs: dict[str, dict]) -> dict | None:
     best = rules[0]
     tied = [a["arm"] for a in rules if best["average"] - a["average"] <= TIE]
     # An arm that allocates uniform ranks with PEFT's init is lora itself, so it takes lora's rate.
-    family = REFERENCE if best["uniform"] and best["arm"] != "spectral-gradinit" else best["arm"]
+    family = REFERENCE if best["uniform"] and best["init"] == "default" else best["arm"]
     lr = lrs.get(family, {}).get("best")
     ties_lora = any(t["ci_low"] <= 0 <= t["ci_high"] or t["n"] < 2 for t in best["per_task"].values())
     return {"arm": best["arm"], "tied_with": tied[1:], "learning_rate_factor": lr,

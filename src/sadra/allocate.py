@@ -38,7 +38,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import BudgetError, DataError
-from .settings import SPECTRAL_RULES, default_of
+from . import settings as _settings
+from .settings import default_of
 
 NORMALIZE_CHOICES = ("none", "per_param")
 
@@ -375,10 +376,8 @@ def _check_ranks(base_rank: Any, min_rank: Any, max_rank: Any) -> None:
 
 
 def default_rule(signal: SignalData) -> str:
-    """``allocate.rule``'s default, or ``proportional`` for input without a gradient spectrum (a trace or
-    plain scores), which is the only rule such input supports."""
-    rule = default_of("allocate.rule")
-    return rule if rule not in SPECTRAL_RULES or signal.spectra else "proportional"
+    """The default rule for what ``signal`` carries (:func:`sadra.settings.default_rule`)."""
+    return _settings.default_rule(bool(signal.spectra))
 
 
 def allocate_ranks(

@@ -40,7 +40,8 @@ def auto_lora_config(model, data, *, budget: str | int = "lora-r8", signal: str 
     """
     from .adapt import allocation_options, probe_options
     from .allocate import allocate_ranks
-    from .config import RUN_DEFAULTS, SPECTRUM_SIGNALS, check_signal_and_rule, merge_run
+    from .config import RUN_DEFAULTS, check_signal_and_rule, merge_run
+    from .settings import SPECTRUM_SIGNALS, default_rule
     from .models import head_module_names
     from .probe import estimate_sensitivity
 
@@ -49,8 +50,8 @@ def auto_lora_config(model, data, *, budget: str | int = "lora-r8", signal: str 
         "probe": {**({"estimator": signal} if signal else {}), **dict(probe or {})},
         "allocate": {**({"rule": rule} if rule else {}), **dict(allocate or {})},
         "lora": {"r": base_rank}, "max_length": max_length}, "auto_lora_config")
-    if not rule and "rule" not in (allocate or {}) and settings["probe"]["estimator"] not in SPECTRUM_SIGNALS:
-        settings["allocate"]["rule"] = "proportional"  # the one rule a trace supports (see allocate.default_rule)
+    if not rule and "rule" not in (allocate or {}):  # the default rule the chosen signal supports
+        settings["allocate"]["rule"] = default_rule(settings["probe"]["estimator"] in SPECTRUM_SIGNALS)
     check_signal_and_rule("sadra", settings)
     pr = settings["probe"]
     causal = _is_causal_lm(model)

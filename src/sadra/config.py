@@ -33,9 +33,6 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-SPECTRAL_RULES, SPECTRUM_SIGNALS = _settings.SPECTRAL_RULES, _settings.SPECTRUM_SIGNALS
-
-
 def method_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` with what ``method`` fixes applied (``sadra-seed`` always probes with Hutchinson)."""
     run = merge_run(dict(settings), METHOD_SETTINGS.get(method, {}), f"method {method}")
@@ -47,7 +44,7 @@ def check_signal_and_rule(method: str, run: Mapping[str, Any]) -> None:
     """A spectral rule reads the gradient spectrum: say so before any model is loaded, not after the probe."""
     rule, signal = run["allocate"]["rule"], run["probe"]["estimator"]
     probes = method in ALLOCATED_METHODS and method != "random" and not run["probe_file"] and not run["allocation_file"]
-    if probes and rule in SPECTRAL_RULES and signal not in SPECTRUM_SIGNALS:
+    if probes and rule in _settings.SPECTRAL_RULES and signal not in _settings.SPECTRUM_SIGNALS:
         raise ConfigError(f"allocate.rule={rule} reads the gradient spectrum, which probe.estimator={signal} does not "
                           f"measure; set probe.estimator=gradient, or allocate.rule=proportional to rank by the {signal} trace")
 

@@ -37,6 +37,13 @@ RULES = ("proportional", "spectral", "spectral-newton")
 # Rules that read the gradient spectrum, and the signals that measure one.
 SPECTRAL_RULES = ("spectral", "spectral-newton")
 SPECTRUM_SIGNALS = ("gradient",)
+
+
+def default_rule(has_spectrum: bool) -> str:
+    """``allocate.rule``'s default, or ``proportional`` for input without a gradient spectrum (a trace or
+    plain scores), the only rule such input supports."""
+    rule = default_of("allocate.rule")
+    return rule if rule not in SPECTRAL_RULES or has_spectrum else "proportional"
 INITS = ("default", "gradient")
 
 
