@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from sadra.io import read_jsonl
-from sadra.results import REFERENCE, _fmt, paired_stats, results_table
+from sadra.results import REFERENCE, format_mean_sd, format_paired, paired_stats, results_table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "studies"))
@@ -60,7 +60,7 @@ def table(root: Path, folder: str) -> str:
 
 def mean(root: Path, folder: str, task: str, method: str, metric: str) -> str:
     scale, digits = _scale(metric)
-    return _fmt(list(_values(root, folder, task, method, metric).values()), scale, digits)
+    return format_mean_sd(list(_values(root, folder, task, method, metric).values()), scale, digits)
 
 
 def diff(root: Path, folder: str, task: str, method: str, metric: str, reference: str = REFERENCE) -> str:
@@ -71,10 +71,7 @@ def diff(root: Path, folder: str, task: str, method: str, metric: str, reference
     stat = paired_stats(values, ref)
     if stat is None:
         return "— (no seed in common)"
-    if stat["n"] < 2:
-        return f"{stat['mean'] * scale:+.{digits}f} (n=1, no interval)"
-    low, high = stat["ci_low"] * scale, stat["ci_high"] * scale
-    return f"{stat['mean'] * scale:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] (n={stat['n']})"
+    return format_paired(stat, scale, digits)
 
 
 def seeds(root: Path, folder: str, task: str, method: str) -> str:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from sadra.io import read_jsonl, write_json
-from sadra.results import REFERENCE, paired_stats
+from sadra.results import REFERENCE, format_paired, paired_stats
 
 TASKS = ("sst2", "mrpc")
 # Rules that may become sadra's default, and arms that are only compared.
@@ -108,8 +108,7 @@ def ranking_table(choice: dict) -> str:
     rows = ["| arm | " + " | ".join(f"{t} (x100, 95% CI, n)" for t in TASKS) + " | average | uniform ranks |",
             "|" + "---|" * (len(TASKS) + 3)]
     for a in choice["ranking"]:
-        cells = [f"{s['mean']:+.2f} [{s['ci_low']:+.2f}, {s['ci_high']:+.2f}] (n={s['n']})" if s["n"] > 1
-                 else f"{s['mean']:+.2f} (n=1)" for s in a["per_task"].values()]
+        cells = [format_paired(s, scale=1.0) for s in a["per_task"].values()]
         uniform = {True: "yes", False: "no", None: "— (no allocation)"}[a["uniform"]]
         rows.append(f"| `{a['arm']}` | " + " | ".join(cells) + f" | {a['average']:+.2f} | {uniform} |")
     return "\n".join(rows)

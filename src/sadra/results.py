@@ -62,7 +62,8 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return out
 
 
-def _fmt(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+def format_mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    """``mean ± s.d. (n=K)`` of ``values`` x ``scale``; "—" when there are none."""
     if not values:
         return "—"
     arr = np.asarray(values, dtype=float) * scale
@@ -122,7 +123,7 @@ def _metric_rows(by_cell, tasks, methods) -> list[str]:
                 vals = [v for v in vals if v is not None and not math.isnan(v)]
                 flag = metric == names[0] and any(rec.get("at_majority_class") for rec in recs)
                 scale = 1.0 if metric in ("loss", "perplexity") else 100.0
-                cells.append(_fmt(vals, scale, 3 if metric == "loss" else 2) + (" ⚠ majority" if flag else ""))
+                cells.append(format_mean_sd(vals, scale, 3 if metric == "loss" else 2) + (" ⚠ majority" if flag else ""))
             split = next((r.get("eval_split", "validation") for m in methods for r in by_cell.get((task, m), {}).values()),
                          "validation")
             label = "cross-entropy" if metric == "loss" else metric
@@ -165,15 +166,18 @@ def _paired_section(by_cell, tasks, methods) -> list[str]:
     return lines + _table(["task", "metric"] + others, rows)
 
 
-def _paired_cell(stat: dict[str, float] | None, p_holm: float, scale: float) -> str:
-    if stat is None:
-        return "—"
-    digits = 2 if scale == 100.0 else 3
+def format_paired(stat: dict[str, float], scale: float = 100.0, digits: int = 2, p: float | None = None) -> str:
+    """A paired difference as ``mean [ci_low, ci_high] p=P (n=K)`` x ``scale`` (one seed: no interval)."""
     mean = stat["mean"] * scale
     if stat["n"] < 2:
         return f"{mean:+.{digits}f} (n=1)"
     low, high = stat["ci_low"] * scale, stat["ci_high"] * scale
-    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] p={p_holm:.2g} (n={stat['n']})"
+    p_text = "" if p is None else f" p={p:.2g}"
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]{p_text} (n={stat['n']})"
+
+
+def _paired_cell(stat: dict[str, float] | None, p_holm: float, scale: float) -> str:
+    return "—" if stat is None else format_paired(stat, scale, 2 if scale == 100.0 else 3, p_holm)
 
 
 def _cost_section(by_cell, tasks, methods) -> list[str]:
