@@ -1,4 +1,5 @@
-"""Write each ``docs/NAME.md`` from ``docs/NAME.md.in``: every figure in them comes from a file.
+"""Write each ``docs/NAME.md`` from ``docs/NAME.md.in``, and the README's results block from
+``docs/readme-results.md.in``: every figure in them comes from a file.
 
 A template is prose with placeholders ``{{name arg ...}}``; each is replaced by what the committed
 result files say, so the text cannot drift from them (``tests/test_docs.py`` renders every page and
@@ -9,7 +10,7 @@ compares). Paths are relative to the repository root. Rerun it whenever a result
   {{diff FOLDER TASK METHOD METRIC [REF]}}  METHOD minus REF (default lora), paired by seed: mean [95% CI] (n)
   {{seeds FOLDER TASK METHOD}}          how many seeds that cell has
   {{cells FOLDER}}                      how many cells have a result
-  {{figure PATH ALT...}}                an image link from docs/ to PATH, or a note while PATH is not drawn
+  {{figure PATH ALT...}}                an image link from the page to PATH, or a note while PATH is not drawn
   {{json FILE KEY[.KEY...] [FORMAT]}}   one value of a JSON file (FORMAT: a format spec, e.g. .2f)
   {{choice FOLDER ranking|lr|default}}  the selection study's decision rule applied to FOLDER
                                         (studies/choose_default.py): its ranking, learning-rate table
@@ -23,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 import re
 import sys
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 
 from sadra.io import read_jsonl
@@ -36,6 +39,10 @@ sys.path.insert(0, str(ROOT / "studies"))
 import choose_default  # noqa: E402  (the selection study's decision rule)
 DOCS = ROOT / "docs"
 PLACEHOLDER = re.compile(r"\{\{(.+?)\}\}")
+# Templates that fill a marked block of a page instead of a whole page (template name -> page).
+BLOCKS = {"readme-results.md.in": ROOT / "README.md"}
+BLOCK_BEGIN = "<!-- rendered from {template} by python docs/render.py: edit the template, not this block -->"
+BLOCK_END = "<!-- end of the rendered block -->"
 
 
 @lru_cache(maxsize=None)
@@ -82,10 +89,10 @@ def cells(root: Path, folder: str) -> str:
     return str(len({(r["task"], r["method"], r["seed"]) for r in _records(root, folder)}))
 
 
-def figure(root: Path, path: str, *alt: str) -> str:
+def figure(root: Path, path: str, *alt: str, page_dir: str = "docs") -> str:
     if not (root / path).exists():
         return f"*({' '.join(alt)}: not drawn yet, `{path}` appears when its runs have finished)*"
-    return f"![{' '.join(alt)}](../{path})"
+    return f"![{' '.join(alt)}]({posixpath.relpath(path, page_dir)})"
 
 
 def json_value(root: Path, file: str, key: str, spec: str = "") -> str:
@@ -112,22 +119,47 @@ FUNCTIONS = {"choice": choice, "table": table, "mean": mean, "diff": diff, "seed
              "figure": figure}
 
 
-def render(template: str, root: Path = ROOT) -> str:
+def render(template: str, root: Path = ROOT, page_dir: str = "docs") -> str:
+    """``template`` with every placeholder replaced; links are relative to ``page_dir`` (from the root)."""
     _records.cache_clear()
     _choice.cache_clear()
+    functions = dict(FUNCTIONS, figure=partial(figure, page_dir=page_dir))
 
     def replace(match: re.Match) -> str:
         name, *args = match.group(1).split()
-        if name not in FUNCTIONS:
-            raise ValueError(f"unknown placeholder {name!r} in {match.group(0)!r}; known: {', '.join(FUNCTIONS)}")
-        return FUNCTIONS[name](root, *args)
+        if name not in functions:
+            raise ValueError(f"unknown placeholder {name!r} in {match.group(0)!r}; known: {', '.join(functions)}")
+        return functions[name](root, *args)
 
     return PLACEHOLDER.sub(replace, template)
 
 
-def pages() -> list[tuple[Path, Path]]:
-    """(template, page) for every ``docs/*.md.in``."""
-    return [(t, t.with_suffix("")) for t in sorted(DOCS.glob("*.md.in"))]
+@dataclass(frozen=True)
+class Output:
+    """A template and the page it writes: the whole page, or only its marked block (``block``)."""
+
+    template: Path
+    page: Path
+    block: bool
+
+
+def outputs() -> list[Output]:
+    """Every ``docs/*.md.in`` with the page it writes."""
+    return [Output(t, BLOCKS[t.name], True) if t.name in BLOCKS else Output(t, t.with_suffix(""), False)
+            for t in sorted(DOCS.glob("*.md.in"))]
+
+
+def page_text(out: Output, root: Path = ROOT) -> str:
+    """What ``out.page`` should hold: the rendering, or the page with its block replaced by it."""
+    text = render(out.template.read_text(), root, out.page.parent.relative_to(root).as_posix())
+    if not out.block:
+        return text
+    page = out.page.read_text()
+    begin = BLOCK_BEGIN.format(template=out.template.relative_to(root).as_posix())
+    if begin not in page or BLOCK_END not in page:
+        raise ValueError(f"{out.page.name} has no block for {out.template.name}: add the lines {begin!r} and {BLOCK_END!r}")
+    start, end = page.index(begin) + len(begin), page.index(BLOCK_END)
+    return page[:start] + "\n" + text.rstrip("\n") + "\n" + page[end:]
 
 
 def main() -> int:
@@ -136,8 +168,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare instead of writing")
     args = ap.parse_args()
-    for template, page in pages():
-        text = render(template.read_text())
+    for out in outputs():
+        page, text = out.page, page_text(out)
         if not args.check:
             page.write_text(text)
             print(f"wrote {page.relative_to(ROOT)}")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Commits a study's results folder each time a cell lands, so a stopped study resumes from git.
 # Per new cell: results.md and the report are rewritten with this checkout's code, the selection
-# study's decision rule is reapplied (results/selection only), docs/*.md are rendered, and only
-# FOLDER and docs/*.md are committed (other edits in the working tree are left alone).
+# study's decision rule is reapplied (results/selection only), docs/*.md and the README's results block
+# are rendered, and only FOLDER, docs/*.md and README.md are committed (other edits are left alone).
 # Usage: studies/commit_cells.sh FOLDER [CONFIG]   (runs until killed; checks every minute)
 #   CONFIG: the grid's YAML file, whose method order the tables follow (default: the order in which
 #   FOLDER/benchmark_config.json lists its cells)
@@ -39,8 +39,8 @@ write_report(out)
 PY
   [ "$FOLDER" = results/selection ] && python3 studies/choose_default.py > /dev/null
   python3 docs/render.py > /dev/null
-  git add "$FOLDER" docs/*.md
-  git commit -q -m "$(basename "$FOLDER"): $new; results, report and docs regenerated ($n cells)" -- "$FOLDER" docs/*.md \
+  git add "$FOLDER" docs/*.md README.md
+  git commit -q -m "$(basename "$FOLDER"): $new; results, report and docs regenerated ($n cells)" -- "$FOLDER" docs/*.md README.md \
     && echo "$(date -u +%FT%TZ) committed $n: $new"
   last=$n
 done

@@ -1,4 +1,5 @@
-"""docs/results.md and docs/selection.md say what the committed result files say (they are rendered from them)."""
+"""docs/results.md, docs/selection.md and the README's results block say what the committed result files say
+(they are rendered from them)."""
 
 import json
 import re
@@ -14,19 +15,19 @@ sys.path.insert(0, str(ROOT / "docs"))
 import render  # noqa: E402
 
 
-PAGES = render.pages()
+OUTPUTS = render.outputs()
 
 
 def test_the_pages_are_rendered():
-    assert {page.name for _, page in PAGES} >= {"results.md", "selection.md"}
+    assert {out.page.name for out in OUTPUTS} >= {"results.md", "selection.md", "README.md"}
 
 
-@pytest.mark.parametrize("template, page", PAGES, ids=[p.name for _, p in PAGES])
-def test_each_page_matches_the_result_files(template, page):
-    assert page.read_text() == render.render(template.read_text()), f"{page.name} is out of date: run python docs/render.py"
+@pytest.mark.parametrize("out", OUTPUTS, ids=[out.template.name for out in OUTPUTS])
+def test_each_page_matches_the_result_files(out):
+    assert out.page.read_text() == render.page_text(out), f"{out.page.name} is out of date: run python docs/render.py"
 
 
-@pytest.mark.parametrize("template", [t for t, _ in PAGES], ids=[t.name for t, _ in PAGES])
+@pytest.mark.parametrize("template", [out.template for out in OUTPUTS], ids=[out.template.name for out in OUTPUTS])
 def test_every_measured_figure_in_a_template_is_a_placeholder(template):
     prose = render.PLACEHOLDER.sub("", template.read_text())
     decimals = re.findall(r"(?<![\w.])[+-]?\d+\.\d+(?![\w.])", prose)
@@ -62,3 +63,21 @@ def test_figure_and_reference_placeholders(tmp_path):
     assert render.render("{{diff results/selection sst2 prop-fisher accuracy prop-fisher}}", tmp_path).startswith(
         "+0.00 [+0.00, +0.00]")
     assert render.render("{{diff results/selection sst2 prop-fisher accuracy lora-r2}}", tmp_path) == "—"
+
+
+def test_a_block_template_rewrites_only_its_block(tmp_path):
+    shutil.copytree(ROOT / "results/selection", tmp_path / "results/selection", ignore=shutil.ignore_patterns("sst2", "mrpc"))
+    template = tmp_path / "docs" / "block.md.in"
+    template.parent.mkdir()
+    template.write_text("{{cells results/selection}} cells\n{{figure results/selection/forest.png f}}\n")
+    out = render.Output(template, tmp_path / "PAGE.md", True)
+    out.page.write_text("# Title\nno block here\n")
+    with pytest.raises(ValueError, match="PAGE.md has no block for block.md.in"):
+        render.page_text(out, tmp_path)
+    begin = render.BLOCK_BEGIN.format(template="docs/block.md.in")
+    out.page.write_text(f"# Title\n{begin}\nstale text\n{render.BLOCK_END}\nafter\n")
+    cells = len(set((r["task"], r["method"], r["seed"]) for r in map(json.loads, (tmp_path / "results/selection/results.jsonl").read_text().splitlines())))
+    want = f"# Title\n{begin}\n{cells} cells\n![f](results/selection/forest.png)\n{render.BLOCK_END}\nafter\n"
+    assert render.page_text(out, tmp_path) == want  # the link is relative to the page's folder, not docs/
+    out.page.write_text(want)
+    assert render.page_text(out, tmp_path) == want
