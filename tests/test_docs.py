@@ -59,10 +59,10 @@ def test_figure_and_reference_placeholders(tmp_path):
     assert render.render("{{figure results/selection/forest.png a b}}", tmp_path) == \
         "![a b](../results/selection/forest.png)"
     assert "not drawn yet" in render.render("{{figure results/evidence/forest.png a}}", tmp_path)
-    # prop-fisher minus itself is zero on every seed; minus a method that has not run is a dash.
+    # prop-fisher minus itself is zero on every seed; minus a method with no records is a dash.
     assert render.render("{{diff results/selection sst2 prop-fisher accuracy prop-fisher}}", tmp_path).startswith(
         "+0.00 [+0.00, +0.00]")
-    assert render.render("{{diff results/selection sst2 prop-fisher accuracy lora-r2}}", tmp_path) == "—"
+    assert render.render("{{diff results/selection sst2 prop-fisher accuracy never-run}}", tmp_path) == "—"
 
 
 def test_a_block_template_rewrites_only_its_block(tmp_path):
