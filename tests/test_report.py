@@ -77,10 +77,20 @@ def test_budget_figure_draws_each_arm_run_at_several_budgets(tmp_path):
         ["sadra", "lora", "prop-hutchinson", "lora", "lora-ga"]
     source = Path(__file__).resolve().parents[1] / "results" / "selection" / "results.jsonl"
     records = [json.loads(line) for line in source.read_text().splitlines()]
-    assert _budget_plot(records, tmp_path / "none.png") is None  # one budget per arm: nothing to draw
-    at_r2 = [dict(r, method=r["method"] + "-r2", lora_budget=r["lora_budget"] // 4,
-                  metrics={k: v - 0.05 for k, v in r["metrics"].items()}) for r in records if r["method"] == "lora"]
-    assert_valid_png(_budget_plot(records + at_r2, tmp_path / "budget.png"))
+    at_r8 = [r for r in records if budget_family(r["method"]) == r["method"]]
+    assert _budget_plot(at_r8, tmp_path / "none.png") is None  # one budget per arm: nothing to draw
+    at_r2 = [r for r in records if r["method"].endswith("-r2")]  # phase 4: lora, prop-hutchinson, random
+    assert {r["lora_budget"] for r in at_r2} == {min(r["lora_budget"] for r in at_r8) // 4}
+    assert_valid_png(_budget_plot(at_r8 + at_r2, tmp_path / "budget.png"))
+
+
+def test_arms_outside_the_palette_get_distinct_line_colours():
+    from sadra.report import EXTRA_COLORS, PALETTE, line_colors
+
+    colors = line_colors(["lora", "prop-hutchinson", "random", "prop-fisher", "prop-hutchinson"])
+    assert colors == {"lora": PALETTE["lora"], "prop-hutchinson": EXTRA_COLORS[0], "random": PALETTE["random"],
+                      "prop-fisher": EXTRA_COLORS[1]}
+    assert not set(EXTRA_COLORS) & set(PALETTE.values())
 
 
 def test_cost_table_leaves_resumed_runs_out_of_the_times():

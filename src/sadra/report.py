@@ -35,6 +35,15 @@ PALETTE = {
     "full": "#000000", "lora": "#0072B2", "sadra": "#D55E00", "sadra-fisher": "#E69F00",
     "adalora": "#009E73", "eva": "#CC79A7", "random": "#999999", "lora-ga": "#56B4E9", "sadra-seed": "#F0E442",
 }
+# For arms outside the palette (study variants) in figures told apart by a legend: none near a palette colour.
+EXTRA_COLORS = ("#882255", "#117733", "#332288", "#AA4499", "#999933", "#661100", "#44AA99", "#6699CC")
+
+
+def line_colors(names: Sequence[str]) -> dict[str, str]:
+    """A colour per name: the palette's, else the next unused extra one (cycling if there are many)."""
+    unknown = [n for n in dict.fromkeys(names) if n not in PALETTE]
+    extra = {n: EXTRA_COLORS[i % len(EXTRA_COLORS)] for i, n in enumerate(unknown)}
+    return {n: PALETTE.get(n) or extra[n] for n in dict.fromkeys(names)}
 
 
 def allocation_label(method: str, alloc: Mapping[str, Any]) -> str:
@@ -124,6 +133,7 @@ def _loss_curves(folder: Path, task: str, methods: list[str], seeds: dict[str, l
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
+    colors = line_colors(methods)
     for method in methods:
         curves = []
         for seed in seeds.get(method, []):
@@ -140,7 +150,7 @@ def _loss_curves(folder: Path, task: str, methods: list[str], seeds: dict[str, l
         if not steps:
             continue
         values = np.array([[c[s] for s in steps] for c in curves])
-        color = PALETTE.get(method)
+        color = colors[method]
         ax.plot(steps, values.mean(0), label=f"{method} (n={len(curves)})", color=color, lw=1.4)
         if len(curves) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2, lw=0)
@@ -344,6 +354,7 @@ def _budget_plot(records: list[dict], out: Path) -> Path | None:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.8), squeeze=False)
+    colors = line_colors([family for _, family in swept])
     for ax, task in zip(axes[0], tasks):
         for (t, family), by_budget in swept.items():
             if t != task:
@@ -351,7 +362,7 @@ def _budget_plot(records: list[dict], out: Path) -> Path | None:
             xs = sorted(by_budget)
             means = [np.mean(by_budget[x]) for x in xs]
             errs = [np.std(by_budget[x], ddof=1) if len(by_budget[x]) > 1 else 0.0 for x in xs]
-            ax.errorbar(xs, means, yerr=errs, fmt="o-", capsize=3, color=PALETTE.get(family), label=family)
+            ax.errorbar(xs, means, yerr=errs, fmt="o-", capsize=3, color=colors[family], label=family)
         ax.set_xscale("log")
         ax.set_xlabel("adapter parameters (the budget of uniform LoRA r)")
         ax.set_ylabel(f"{get_task(task).main_metric} ×100")
