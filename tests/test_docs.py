@@ -76,8 +76,7 @@ def test_a_block_template_rewrites_only_its_block(tmp_path):
         render.page_text(out, tmp_path)
     begin = render.BLOCK_BEGIN.format(template="docs/block.md.in")
     out.page.write_text(f"# Title\n{begin}\nstale text\n{render.BLOCK_END}\nafter\n")
-    cells = len(set((r["task"], r["method"], r["seed"]) for r in map(json.loads, (tmp_path / "results/selection/results.jsonl").read_text().splitlines())))
-    want = f"# Title\n{begin}\n{cells} cells\n![f](results/selection/forest.png)\n{render.BLOCK_END}\nafter\n"
+    want = f"# Title\n{begin}\n{render.cells(tmp_path, 'results/selection')} cells\n![f](results/selection/forest.png)\n{render.BLOCK_END}\nafter\n"
     assert render.page_text(out, tmp_path) == want  # the link is relative to the page's folder, not docs/
     out.page.write_text(want)
     assert render.page_text(out, tmp_path) == want
