@@ -1,5 +1,6 @@
 """Single runs: AdaLoRA's scheduler really reallocates, metrics match scikit-learn/scipy, data options."""
 
+import copy
 import json
 
 import numpy as np
@@ -8,7 +9,9 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 import sadra.train as train_mod
-from sadra.data import calibration_batches, load_glue, subsample, tokenize
+from sadra.config import RUN_DEFAULTS
+from sadra.data import calibration_batches, get_task, load_glue, subsample, tokenize
+from sadra.errors import DataError
 from sadra.metrics import glue_metrics
 
 TINY = {"max_train_samples": 96, "max_eval_samples": 32, "max_length": 32,
@@ -99,3 +102,27 @@ def test_gradient_checkpointing_works_with_every_method(method, tmp_path, glue_d
                 "eva": {"num_batches": 2, "batch_size": 8, "tau": 0.5}}
     record = train_mod.run_glue("mrpc", method, 0, tmp_path / method, settings, progress=False)
     assert record["optimizer_steps"] == 2 and np.isfinite(record["metrics"]["loss"])
+
+
+def test_min_train_words_filters_train_and_selection_rows_never_dev(glue_dir):
+    # SST-2's train file is mostly phrases, its dev set whole sentences: min_train_words keeps the long rows.
+    raw = (glue_dir / "SST-2" / "train.tsv").read_text().splitlines()[1:]
+    long_rows = sum(len(line.split("\t")[0].split()) >= 10 for line in raw)
+    settings = dict(copy.deepcopy(RUN_DEFAULTS), glue_dir=str(glue_dir), min_train_words=10, max_train_samples=500)
+    spec = get_task("sst2")
+    train_rows, evals, split = train_mod.glue_rows(spec, settings)
+    assert split == "validation" and len(evals["validation"]) == 872  # the dev set is not filtered
+    assert len(train_rows) == 500 and min(len(e.text_a.split()) for e in train_rows) >= 10
+    train_rows, evals, _ = train_mod.glue_rows(spec, dict(settings, eval_split="selection", max_train_samples=None))
+    assert len(train_rows) == long_rows - 872 and min(len(e.text_a.split()) for e in evals["selection"]) >= 10
+    with pytest.raises(DataError, match="lower min_train_words"):
+        train_mod.glue_rows(spec, dict(settings, min_train_words=10_000))
+
+
+def test_a_setting_added_later_leaves_earlier_hashes_alone():
+    from sadra.benchmark import settings_hash
+
+    settings = copy.deepcopy(RUN_DEFAULTS)
+    before = {k: v for k, v in settings.items() if k != "min_train_words"}
+    assert settings_hash(settings, "lora") == settings_hash(before, "lora")
+    assert settings_hash(dict(settings, min_train_words=10), "lora") != settings_hash(settings, "lora")

@@ -34,6 +34,9 @@ from .io import append_jsonl, atomic_write_text, ensure_dir, read_json, read_jso
 
 # Settings that say where things are, not what runs: they do not change a cell's identity.
 _NOT_IDENTITY = ("glue_dir", "cell_timeout")
+# Settings added after cells were recorded: left out of the hash while unset, so that the cells
+# recorded before them, which ran as if unset, still match.
+_ADDED_UNSET = ("min_train_words",)
 
 
 def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
@@ -51,7 +54,8 @@ def git_commit() -> str | None:
 
 def settings_hash(settings: dict[str, Any], base_method: str) -> str:
     """A short hash of what a cell runs: its method and every setting that changes the result."""
-    ident = {k: v for k, v in settings.items() if k not in _NOT_IDENTITY}
+    ident = {k: v for k, v in settings.items()
+             if k not in _NOT_IDENTITY and not (k in _ADDED_UNSET and v is None)}
     text = json.dumps({"method": base_method, "settings": ident}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

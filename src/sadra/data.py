@@ -252,6 +252,16 @@ def subsample(examples: Sequence[Example], n: int | None, seed: int) -> list[Exa
     return [examples[i] for i in idx]
 
 
+def min_words(examples: Sequence[Example], n: int | None) -> list[Example]:
+    """The rows whose texts (both of a pair together) have at least ``n`` words (all rows if n is None)."""
+    if n is None:
+        return list(examples)
+    kept = [e for e in examples if len(e.text_a.split()) + len((e.text_b or "").split()) >= n]
+    if not kept:
+        raise DataError(f"no training row has {n} or more words; lower min_train_words")
+    return kept
+
+
 # Rows held out of each train file for choosing settings (never trained on, never the dev set).
 # Keyed by GLUE folder, so that a task and its prompt form (sst2, sst2-lm) hold out the same rows.
 SELECTION_SIZES = {"MRPC": 400, "SST-2": 872, "QNLI": 1000}

@@ -157,6 +157,11 @@ class RunSettings:
     max_length: int = setting(128, "token length of training and evaluation rows", check="positive")
     max_train_samples: int | None = setting(None, "seeded subset of the training rows (default: all)",
                                             check="positive", optional=int)
+    min_train_words: int | None = setting(None, "train only on rows of at least this many words (both texts of a "
+                                          "pair together), before the selection rows are held out, so those "
+                                          "rows are filtered alike; the dev set never is. For SST-2, whose train "
+                                          "file is mostly phrases and whose dev set is whole sentences (default: "
+                                          "every row)", check="positive", optional=int)
     max_eval_samples: int | None = setting(None, "seeded subset of the evaluation rows (default: all)",
                                            check="positive", optional=int)
     data_seed: int = setting(0, "seed of the row subsets and of the selection split", check="non_negative")

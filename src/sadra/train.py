@@ -34,7 +34,7 @@ import yaml
 from . import __version__
 from .allocate import uniform_budget
 from .config import RUN_DEFAULTS, check_method, merge_run, method_settings
-from .data import calibration_batches, get_task, load_glue, split_selection, subsample, tokenize
+from .data import calibration_batches, get_task, load_glue, min_words, split_selection, subsample, tokenize
 from .errors import CurvatureError
 from .io import atomic_write_text, ensure_dir, write_json
 from .metrics import glue_metrics, majority_score, perplexity, predictions_from_logits
@@ -222,7 +222,7 @@ def glue_rows(spec, settings: Mapping[str, Any]):
     ``eval_split="selection"`` the run trains on the train file less its selection rows and is
     evaluated on those rows: the dev set is not read at all.
     """
-    train_all = load_glue(spec, "train", settings["glue_dir"])
+    train_all = min_words(load_glue(spec, "train", settings["glue_dir"]), settings["min_train_words"])
     if settings["eval_split"] == "selection":
         train_all, selection = split_selection(spec, train_all)
         evals = {"selection": subsample(selection, settings["max_eval_samples"], settings["data_seed"])}
