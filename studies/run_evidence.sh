@@ -4,7 +4,9 @@
 # Usage: studies/run_evidence.sh [PART...]   (default: base sadra sweep)
 #   base   the arms that do not depend on sadra's default: lora, sadra-seed, random (seeds 0-4),
 #          eva, lora-ga (0-2), full, adalora (0-1)
-#   sadra  the default method, seeds 0-4 (run once the selection study has chosen it)
+#   sadra  the default method, seeds 0-4 (run once the selection study has chosen it). Where its
+#          allocation is uniform LoRA's adapter, a cell takes the finished lora cell's results
+#          (same_training_as) after its probe instead of training the same adapter again.
 #   sweep  lora, sadra and random at the budgets of uniform r=2 and r=16, SST-2 and MRPC, seeds 0-2
 set -euo pipefail
 cd "$(dirname "$0")/.."

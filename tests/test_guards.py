@@ -197,3 +197,23 @@ def test_peak_memory_is_the_process_own_not_its_parents(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=dict(os.environ))
     child_peak = float(out.stdout.strip())
     assert 0 < child_peak < 300, out  # the parent's 400 MB array is not the child's peak
+
+
+@pytest.mark.timeout(1200)
+def test_an_allocation_that_builds_uniform_lora_takes_the_lora_cells_results(tmp_path, glue_dir):
+    flat = ["per_method.sadra.allocate.min_rank=8", "per_method.sadra.allocate.max_rank=8"]  # every module at r=8
+    out = tmp_path / "b"
+    proc = bench(out, glue_dir, *flat, methods=("lora", "sadra"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r["method"]: r for r in lines(out / "results.jsonl")}
+    sadra, lora = records["sadra"], records["lora"]
+    assert sadra["same_training_as"] == "mrpc/lora/seed0" and sadra["uniform_allocation"] is True
+    assert sadra["metrics"] == lora["metrics"] and sadra["calibration_seconds"] > 0
+    assert sadra["settings_hash"] != lora["settings_hash"]
+    assert (out / "mrpc/sadra/seed0/adapter/adapter_model.safetensors").is_file()
+    assert (out / "mrpc/sadra/seed0/train_log.jsonl").read_text() == (out / "mrpc/lora/seed0/train_log.jsonl").read_text()
+    # The premise, checked: trained for real, the same allocation gives the very same results.
+    alone = bench(tmp_path / "c", glue_dir, *flat, methods=("sadra",))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    trained = lines(tmp_path / "c" / "results.jsonl")[0]
+    assert "same_training_as" not in trained and trained["metrics"] == lora["metrics"]

@@ -170,7 +170,17 @@ def build_method_model(ctx, model: nn.Module):
         peft_model = get_peft_model(model, config)
     if alloc is not None:
         check_built_ranks(peft_model, alloc.ranks)
+        ctx.info["uniform_allocation"] = is_uniform_lora(alloc, ctx.targets, st)
     return peft_model
+
+
+def is_uniform_lora(alloc: RankAllocation, targets: Sequence[str], settings: Mapping[str, Any]) -> bool:
+    """Whether ``alloc`` builds exactly the adapter of uniform LoRA under ``settings``: every target at
+    ``lora.r`` with LoRA's alpha, and PEFT's initialisation."""
+    lora, al = settings["lora"], settings["allocate"]
+    return (set(alloc.ranks) == set(targets) and all(r == lora["r"] for r in alloc.ranks.values())
+            and al["alpha_ratio"] * lora["r"] == lora["alpha"] and not al["use_rslora"]
+            and settings["init"] == "default")
 
 
 def check_built_ranks(peft_model: nn.Module, ranks: Mapping[str, int]) -> None:

@@ -33,7 +33,10 @@ from .errors import ConfigError, SadraError
 from .io import append_jsonl, atomic_write_text, ensure_dir, read_json, read_jsonl, write_json
 
 # Settings that say where things are, not what runs: they do not change a cell's identity.
-_NOT_IDENTITY = ("glue_dir", "cell_timeout")
+_NOT_IDENTITY = ("glue_dir", "cell_timeout", "uniform_twin")
+# What uniform LoRA does not read: two cells alike in everything else train the same adapter
+# whenever their ranks are alike.
+_NOT_TRAINING = _NOT_IDENTITY + ("probe", "allocate", "eva", "adalora", "probe_file", "allocation_file")
 # Settings added after cells were recorded: left out of the hash while unset, so that the cells
 # recorded before them, which ran as if unset, still match.
 _ADDED_UNSET = ("min_train_words",)
@@ -58,6 +61,11 @@ def settings_hash(settings: dict[str, Any], base_method: str) -> str:
              if k not in _NOT_IDENTITY and not (k in _ADDED_UNSET and v is None)}
     text = json.dumps({"method": base_method, "settings": ident}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def training_hash(settings: dict[str, Any]) -> str:
+    """The settings hash of what uniform LoRA reads of ``settings``."""
+    return settings_hash({k: v for k, v in settings.items() if k not in _NOT_TRAINING}, "lora")
 
 
 def derived_cell_timeout(settings: dict[str, Any], train_rows: int) -> int:
@@ -281,7 +289,9 @@ def _run_cell(cell: _Cell, cfg: BenchmarkConfig, out: Path, progress: bool, echo
     if record is not None:
         return record
     ensure_dir(cell.folder, "run folder")
-    atomic_write_text(cell.folder / "run.yaml", yaml.safe_dump(cell.settings, sort_keys=False))
+    twin = _uniform_twin(cell, out)
+    settings = {**cell.settings, "uniform_twin": str(twin) if twin else cell.settings["uniform_twin"]}
+    atomic_write_text(cell.folder / "run.yaml", yaml.safe_dump(settings, sort_keys=False))
     cmd = [sys.executable, "-m", "sadra", "train", "--task", cell.task, "--method", cell.base_method,
            "--seed", str(cell.seed), "--config", str(cell.folder / "run.yaml"), "--out", str(cell.folder),
            "--preset-name", cfg.name] + ([] if progress else ["--quiet"])
@@ -299,6 +309,28 @@ def _run_cell(cell: _Cell, cfg: BenchmarkConfig, out: Path, progress: bool, echo
                                               "settings_hash": cell.hash, "reason": reason, "cell_timeout": limit,
                                               "wall_seconds": round(time.time() - started, 1), "time": time.time()})
     print(f"sadra: {cell.name} failed ({reason}); recorded in {out / 'failures.jsonl'}, going on", file=sys.stderr)
+    return None
+
+
+def _uniform_twin(cell: _Cell, out: Path) -> Path | None:
+    """The folder of a finished uniform-LoRA cell of the same task and seed that trained with this
+    allocated cell's settings. If the cell's allocation comes out uniform, it takes that cell's
+    results instead of training the same adapter twice (``uniform_twin``)."""
+    from .config import ALLOCATED_METHODS, RUN_DEFAULTS, merge_run
+
+    if cell.base_method not in ALLOCATED_METHODS or cell.settings["uniform_twin"]:
+        return None
+    want = training_hash(cell.settings)
+    for record in read_jsonl(out / "results.jsonl"):
+        if (record.get("task"), record.get("base_method"), record.get("seed")) != (cell.task, "lora", cell.seed):
+            continue
+        folder = run_dir(out, cell.task, record["method"], cell.seed)
+        try:
+            settings = merge_run(RUN_DEFAULTS, yaml.safe_load((folder / "run.yaml").read_text()) or {}, "run.yaml")
+        except (OSError, SadraError, yaml.YAMLError):
+            continue
+        if training_hash(settings) == want and (folder / "metrics.json").exists():
+            return folder
     return None
 
 

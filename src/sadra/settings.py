@@ -175,6 +175,11 @@ class RunSettings:
                                        check="positive", optional=int)
     probe_file: str | None = setting(None, "allocated methods: use this probe report instead of probing", optional=str)
     allocation_file: str | None = setting(None, "allocated methods: use this allocation as it is", optional=str)
+    uniform_twin: str | None = setting(None, "allocated methods: the folder of a finished uniform-LoRA run with "
+                                       "otherwise the same settings. When this run's allocation comes out as "
+                                       "that very adapter (every module at lora.r, same alpha, PEFT's init), the "
+                                       "run takes that run's results instead of training the same adapter again "
+                                       "(the benchmark sets it)", optional=str)
     train: TrainSettings = group(TrainSettings, "training")
     lora: LoraSettings = group(LoraSettings, "uniform LoRA and the budget")
     probe: ProbeSettings = group(ProbeSettings, "the calibration probe")

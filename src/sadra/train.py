@@ -35,8 +35,8 @@ from . import __version__
 from .allocate import uniform_budget
 from .config import RUN_DEFAULTS, check_method, merge_run, method_settings
 from .data import calibration_batches, get_task, load_glue, min_words, split_selection, subsample, tokenize
-from .errors import CurvatureError
-from .io import atomic_write_text, ensure_dir, write_json
+from .errors import ConfigError, CurvatureError
+from .io import atomic_write_text, ensure_dir, read_json, write_json
 from .metrics import glue_metrics, majority_score, perplexity, predictions_from_logits
 from .distributed import (check_same_across_processes, is_main_process, local_device, maybe_init_distributed,
                           world_size_from_env)
@@ -271,6 +271,8 @@ def run_glue(task: str, method: str, seed: int, out_dir: str | Path, settings: M
                                           eval_ds[main_split] if len(eval_ds) == 1 else eval_ds, job.collator,
                                           job.compute_metrics, preprocess=job.preprocess,
                                           zero_shot=eval_ds[main_split] if spec.is_prompt else None)
+    if trainer is None:
+        return _twin_result(ctx, spec.name, timing)
     eval_start = time.perf_counter()
     metrics, extra = _final_eval(trainer, eval_ds, main_split)
     train_check = _train_split_check(trainer, job.train_ds, spec, st, seed)
@@ -288,6 +290,27 @@ def run_glue(task: str, method: str, seed: int, out_dir: str | Path, settings: M
         **_common_record(ctx, trainer, train_model, timing, len(job.train_ds) * st["train"]["epochs"]),
     }
     if is_main_process():
+        write_json(ctx.out / "metrics.json", record)
+    return record
+
+
+def _twin_result(ctx: RunContext, task: str, timing: Mapping[str, float]) -> dict[str, Any]:
+    """The record of a run whose allocation built uniform LoRA's adapter: its uniform twin's results
+    (metrics, training log, adapter), with this run's method, allocation and calibration time."""
+    twin = Path(ctx.settings["uniform_twin"])
+    record = read_json(twin / "metrics.json", "the uniform twin's metrics")
+    if (record.get("task"), record.get("method"), record.get("seed")) != (task, "lora", ctx.seed):
+        raise ConfigError(f"uniform_twin {str(twin)!r} is not a finished {task} lora run of seed {ctx.seed}; "
+                          "point it at one, or leave it unset to train")
+    record.update(ctx.info, method=ctx.method, same_training_as="/".join(twin.parts[-3:]),
+                  calibration_seconds=round(timing["calibration"], 3))
+    if is_main_process():
+        for name in ("train_log.jsonl", "adapter"):
+            source = twin / name
+            if source.is_dir():
+                shutil.copytree(source, ctx.out / name, dirs_exist_ok=True)
+            elif source.exists():
+                shutil.copy2(source, ctx.out / name)
         write_json(ctx.out / "metrics.json", record)
     return record
 
@@ -424,6 +447,8 @@ def _train(ctx: RunContext, model, make_batches, train_ds, eval_arg, collator, c
         peft_model = build_method_model(ctx, model)
     timing = {"calibration": time.perf_counter() - calib_start if ctx.method not in ("full", "lora") else 0.0}
     train_model = peft_model if peft_model is not None else model
+    if ctx.info.get("uniform_allocation") and ctx.settings["uniform_twin"]:
+        return None, train_model, timing  # the twin trained this very adapter: run_glue takes its results
     args = _training_args(tr, ctx.out, ctx.seed, ctx.device, ctx.progress, steps_per_epoch, ctx.total_steps,
                           evaluate=True)
     AdaLoraUpdate, FiniteLoss = _callbacks()
