@@ -217,3 +217,23 @@ def test_an_allocation_that_builds_uniform_lora_takes_the_lora_cells_results(tmp
     assert alone.returncode == 0, alone.stderr[-3000:]
     trained = lines(tmp_path / "c" / "results.jsonl")[0]
     assert "same_training_as" not in trained and trained["metrics"] == lora["metrics"]
+
+
+def test_a_cell_recorded_before_a_setting_existed_names_its_real_difference(tmp_path):
+    import yaml
+
+    from sadra.benchmark import _Cell, _check_same_settings
+    from sadra.config import load_benchmark_config
+    from sadra.errors import ConfigError
+
+    cfg = load_benchmark_config("smoke")
+    cell = _Cell(cfg, tmp_path, "mrpc", "lora", 0)
+    old = {k: v for k, v in cell.settings.items() if k not in ("eval_split", "min_train_words")}  # keys it predates
+    cell.folder.mkdir(parents=True)
+    (cell.folder / "run.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / "results.jsonl").write_text(json.dumps({"task": "mrpc", "method": "lora", "seed": 0}) + "\n")
+    assert _check_same_settings([cell], tmp_path) == {("mrpc", "lora", 0)}  # defaults fill what it predates
+    old["train"] = dict(old["train"], threads=old["train"]["threads"] + 1)
+    (cell.folder / "run.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=r"\(train\.threads was \d+, now \d+\)"):
+        _check_same_settings([cell], tmp_path)

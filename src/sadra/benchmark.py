@@ -216,30 +216,29 @@ def _check_same_settings(cells: list[_Cell], out: Path) -> set[tuple[str, str, i
     return done
 
 
-def _legacy_hash(cell: _Cell) -> str | None:
-    """The hash of a cell recorded before records carried one, from its run.yaml."""
-    path = cell.folder / "run.yaml"
-    if not path.exists():
-        return None
+def _recorded_settings(cell: _Cell) -> dict[str, Any] | None:
+    """The settings a cell's run.yaml says it ran with, completed with today's defaults for keys it
+    predates (None if there is no readable run.yaml)."""
     try:
         from .config import RUN_DEFAULTS, merge_run, method_settings
 
-        old = method_settings(cell.base_method, merge_run(RUN_DEFAULTS, yaml.safe_load(path.read_text()) or {}, str(path)))
-    except (SadraError, yaml.YAMLError):
+        path = cell.folder / "run.yaml"
+        return method_settings(cell.base_method, merge_run(RUN_DEFAULTS, yaml.safe_load(path.read_text()) or {}, str(path)))
+    except (OSError, SadraError, yaml.YAMLError):
         return None
-    return settings_hash(old, cell.base_method)
+
+
+def _legacy_hash(cell: _Cell) -> str | None:
+    """The hash of a cell recorded before records carried one, from its run.yaml."""
+    old = _recorded_settings(cell)
+    return None if old is None else settings_hash(old, cell.base_method)
 
 
 def _first_difference(cell: _Cell) -> str:
-    path = cell.folder / "run.yaml"
-    try:
-        old = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return ""
+    old = _flatten(_recorded_settings(cell) or {})
     for key, new_value in _flatten(cell.settings).items():
-        old_value = _flatten(old).get(key)
-        if key not in _NOT_IDENTITY and old_value != new_value:
-            return f" ({key} was {old_value!r}, now {new_value!r})"
+        if key.split(".")[0] not in _NOT_IDENTITY and key in old and old[key] != new_value:
+            return f" ({key} was {old[key]!r}, now {new_value!r})"
     return ""
 
 
