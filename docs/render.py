@@ -8,6 +8,8 @@ compares). Paths are relative to the repository root. Rerun it whenever a result
   {{table FOLDER}}                      the results table of a benchmark folder (as in its results.md)
   {{mean FOLDER TASK METHOD METRIC}}    mean ± s.d. over seeds (x100; cross-entropy ``loss`` as is)
   {{diff FOLDER TASK METHOD METRIC [REF]}}  METHOD minus REF (default lora), paired by seed: mean [95% CI] (n)
+  {{verdict FOLDER METHOD [REF]}}      METHOD against REF on every task, in words: better, worse, a tie or
+                                        identical, by the paired 95% interval of the main metric
   {{seeds FOLDER TASK METHOD}}          how many seeds that cell has
   {{cells FOLDER}}                      how many cells have a result
   {{figure PATH ALT...}}                an image link from the page to PATH, or a note while PATH is not drawn
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
 
+from sadra.data import get_task
 from sadra.io import read_jsonl
 from sadra.results import REFERENCE, format_mean_sd, format_paired, paired_stats, results_table
 
@@ -81,6 +84,27 @@ def diff(root: Path, folder: str, task: str, method: str, metric: str, reference
     return format_paired(stat, scale, digits)
 
 
+def verdict(root: Path, folder: str, method: str, reference: str = REFERENCE) -> str:
+    """METHOD against REF on each task of FOLDER in words, by the paired 95% interval of the main metric:
+    better (above 0), worse (below 0), a tie (it spans 0), identical (every seed equal)."""
+    records = _records(root, folder)
+    config_path = root / folder / "benchmark_config.json"
+    listed = json.loads(config_path.read_text()).get("tasks", []) if config_path.exists() else []
+    parts = []
+    for task in dict.fromkeys([*listed, *(r["task"] for r in records)]):
+        metric = get_task(task).main_metric
+        values, ref = _values(root, folder, task, method, metric), _values(root, folder, task, reference, metric)
+        stat = paired_stats(values, ref) if values and ref else None
+        name = f"{get_task(task).folder} {'F1' if metric == 'f1' else metric}"
+        if stat is None:
+            parts.append(f"{name}: not run yet")
+            continue
+        word = ("one seed so far" if stat["n"] < 2 else "identical" if stat["sd"] == 0 and stat["mean"] == 0
+                else "better" if stat["ci_low"] > 0 else "worse" if stat["ci_high"] < 0 else "a tie")
+        parts.append(f"{name}: {word}, {format_paired(stat)}")
+    return "; ".join(parts) or "not run yet"
+
+
 def seeds(root: Path, folder: str, task: str, method: str) -> str:
     return str(len({r["seed"] for r in _records(root, folder) if r["task"] == task and r["method"] == method}))
 
@@ -115,8 +139,8 @@ def choice(root: Path, folder: str, part: str) -> str:
     return parts[part](_choice(root, folder))
 
 
-FUNCTIONS = {"choice": choice, "table": table, "mean": mean, "diff": diff, "seeds": seeds, "cells": cells, "json": json_value,
-             "figure": figure}
+FUNCTIONS = {"choice": choice, "table": table, "mean": mean, "diff": diff, "verdict": verdict, "seeds": seeds,
+             "cells": cells, "json": json_value, "figure": figure}
 
 
 def render(template: str, root: Path = ROOT, page_dir: str = "docs") -> str:

@@ -80,3 +80,15 @@ def test_a_block_template_rewrites_only_its_block(tmp_path):
     assert render.page_text(out, tmp_path) == want  # the link is relative to the page's folder, not docs/
     out.page.write_text(want)
     assert render.page_text(out, tmp_path) == want
+
+
+def test_verdict_words_follow_the_paired_interval(tmp_path):
+    shutil.copytree(ROOT / "results/selection", tmp_path / "results/selection", ignore=shutil.ignore_patterns("sst2", "mrpc"))
+    said = render.render("{{verdict results/selection prop-hutchinson-r2 lora-r2}}", tmp_path)
+    sst2 = render.diff(tmp_path, "results/selection", "sst2", "prop-hutchinson-r2", "accuracy", "lora-r2")
+    assert said.startswith(f"SST-2 accuracy: worse, {sst2}; MRPC F1: worse, ")  # both intervals below 0
+    assert render.render("{{verdict results/selection random-r2 lora-r2}}", tmp_path).count(": a tie, ") == 2
+    assert render.render("{{verdict results/selection spectral}}", tmp_path).count(": identical, ") == 2
+    assert "MRPC F1: a tie" in render.render("{{verdict results/selection prop-hutchinson}}", tmp_path)
+    assert render.render("{{verdict results/selection never-run}}", tmp_path) == \
+        "SST-2 accuracy: not run yet; MRPC F1: not run yet"
