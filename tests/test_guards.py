@@ -217,6 +217,11 @@ def test_an_allocation_that_builds_uniform_lora_takes_the_lora_cells_results(tmp
     assert alone.returncode == 0, alone.stderr[-3000:]
     trained = lines(tmp_path / "c" / "results.jsonl")[0]
     assert "same_training_as" not in trained and trained["metrics"] == lora["metrics"]
+    # A twin that trained with other settings is refused, not copied.
+    other = run_cli("train", "--task", "mrpc", "--method", "sadra", "--preset", "smoke", "--out", tmp_path / "d",
+                    "--quiet", *TINY, *[f.replace("per_method.sadra.", "") for f in flat], "train.epochs=2",
+                    f"uniform_twin={out / 'mrpc/lora/seed0'}", env={"SADRA_GLUE_DIR": str(glue_dir)}, timeout=900)
+    assert_one_line_error(other, "uniform_twin", "with this run's settings")
 
 
 def test_a_cell_recorded_before_a_setting_existed_names_its_real_difference(tmp_path):

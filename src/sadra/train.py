@@ -36,7 +36,7 @@ from .allocate import uniform_budget
 from .config import RUN_DEFAULTS, check_method, merge_run, method_settings
 from .data import calibration_batches, get_task, load_glue, min_words, split_selection, subsample, tokenize
 from .errors import ConfigError, CurvatureError
-from .io import atomic_write_text, ensure_dir, read_json, write_json
+from .io import atomic_write_text, ensure_dir, read_json, read_text, write_json
 from .metrics import glue_metrics, majority_score, perplexity, predictions_from_logits
 from .distributed import (check_same_across_processes, is_main_process, local_device, maybe_init_distributed,
                           world_size_from_env)
@@ -297,11 +297,16 @@ def run_glue(task: str, method: str, seed: int, out_dir: str | Path, settings: M
 def _twin_result(ctx: RunContext, task: str, timing: Mapping[str, float]) -> dict[str, Any]:
     """The record of a run whose allocation built uniform LoRA's adapter: its uniform twin's results
     (metrics, training log, adapter), with this run's method, allocation and calibration time."""
+    from .benchmark import training_hash
+
     twin = Path(ctx.settings["uniform_twin"])
     record = read_json(twin / "metrics.json", "the uniform twin's metrics")
-    if (record.get("task"), record.get("method"), record.get("seed")) != (task, "lora", ctx.seed):
-        raise ConfigError(f"uniform_twin {str(twin)!r} is not a finished {task} lora run of seed {ctx.seed}; "
-                          "point it at one, or leave it unset to train")
+    ran = yaml.safe_load(read_text(twin / "config.yaml", "the uniform twin's config")) or {}
+    ran = merge_run(RUN_DEFAULTS, {k: v for k, v in ran.items() if k not in ("task", "seed", "method")}, "config.yaml")
+    if (record.get("task"), record.get("method"), record.get("seed")) != (task, "lora", ctx.seed) \
+            or training_hash(ran) != training_hash(ctx.settings):
+        raise ConfigError(f"uniform_twin {str(twin)!r} is not a finished {task} lora run of seed {ctx.seed} with "
+                          "this run's settings; point it at one, or leave it unset to train")
     record.update(ctx.info, method=ctx.method, same_training_as="/".join(twin.parts[-3:]),
                   calibration_seconds=round(timing["calibration"], 3))
     if is_main_process():
