@@ -87,7 +87,7 @@ def test_probe_cost_reports_the_stability_cost_and_loop_figures(glue_dir, tmp_pa
 @pytest.mark.slow
 def test_gpu_probe_runs_on_cpu_at_toy_size(glue_dir, tmp_path):
     proc = run_script(["bash", "benchmarks/gpu_probe.sh", "--device", "cpu", "--glue-dir", str(glue_dir)],
-                      {"SADRA_GPU_PROBE_SIZE": "toy", "SADRA_GPU_OUT": str(tmp_path)})
+                      {"SADRA_GPU_PROBE_SIZE": "toy", "SADRA_GPU_OUT": str(tmp_path)}, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fig = json.loads((tmp_path / "probe_cost.json").read_text())
     assert fig["size"] == "toy" and set(fig["models"]) == {"minilm", "smollm2"}
