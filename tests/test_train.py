@@ -120,7 +120,7 @@ def test_min_train_words_filters_train_and_selection_rows_never_dev(glue_dir):
 
 
 def test_a_setting_added_later_leaves_earlier_hashes_alone():
-    from sadra.benchmark import settings_hash
+    from sadra.config import settings_hash
 
     settings = copy.deepcopy(RUN_DEFAULTS)
     before = {k: v for k, v in settings.items() if k != "min_train_words"}

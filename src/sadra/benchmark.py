@@ -15,7 +15,6 @@ the shared files are written under one lock, and a record is appended only once 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -28,19 +27,9 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import BenchmarkConfig
+from .config import NOT_IDENTITY, BenchmarkConfig, settings_hash, training_hash
 from .errors import ConfigError, SadraError
 from .io import append_jsonl, atomic_write_text, ensure_dir, read_json, read_jsonl, write_json
-
-# Settings that say where things are, not what runs: they do not change a cell's identity.
-_NOT_IDENTITY = ("glue_dir", "cell_timeout", "uniform_twin")
-# What uniform LoRA does not read: two cells alike in everything else train the same adapter
-# whenever their ranks are alike.
-_NOT_TRAINING = _NOT_IDENTITY + ("probe", "allocate", "eva", "adalora", "probe_file", "allocation_file")
-# Settings added after cells were recorded: left out of the hash while unset, so that the cells
-# recorded before them, which ran as if unset, still match.
-_ADDED_UNSET = ("min_train_words",)
-
 
 def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
     return out / task / method / f"seed{seed}"
@@ -53,19 +42,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return res.stdout.strip() or None if res.returncode == 0 else None
-
-
-def settings_hash(settings: dict[str, Any], base_method: str) -> str:
-    """A short hash of what a cell runs: its method and every setting that changes the result."""
-    ident = {k: v for k, v in settings.items()
-             if k not in _NOT_IDENTITY and not (k in _ADDED_UNSET and v is None)}
-    text = json.dumps({"method": base_method, "settings": ident}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def training_hash(settings: dict[str, Any]) -> str:
-    """The settings hash of what uniform LoRA reads of ``settings``."""
-    return settings_hash({k: v for k, v in settings.items() if k not in _NOT_TRAINING}, "lora")
 
 
 def derived_cell_timeout(settings: dict[str, Any], train_rows: int) -> int:
@@ -237,7 +213,7 @@ def _legacy_hash(cell: _Cell) -> str | None:
 def _first_difference(cell: _Cell) -> str:
     old = _flatten(_recorded_settings(cell) or {})
     for key, new_value in _flatten(cell.settings).items():
-        if key.split(".")[0] not in _NOT_IDENTITY and key in old and old[key] != new_value:
+        if key.split(".")[0] not in NOT_IDENTITY and key in old and old[key] != new_value:
             return f" ({key} was {old[key]!r}, now {new_value!r})"
     return ""
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
+import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +33,29 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "lora-ga": {"init": "gradient"},
     "lora": {"init": "default"},
 }
+
+
+# Settings that say where things are, not what runs: they do not change a cell's identity.
+NOT_IDENTITY = ("glue_dir", "cell_timeout", "uniform_twin")
+# What uniform LoRA does not read: two cells alike in everything else train the same adapter
+# whenever their ranks are alike.
+_NOT_TRAINING = NOT_IDENTITY + ("probe", "allocate", "eva", "adalora", "probe_file", "allocation_file")
+# Settings added after cells were recorded: left out of the hash while unset, so that the cells
+# recorded before them, which ran as if unset, still match.
+_ADDED_UNSET = ("min_train_words",)
+
+
+def settings_hash(settings: dict[str, Any], base_method: str) -> str:
+    """A short hash of what a cell runs: its method and every setting that changes the result."""
+    ident = {k: v for k, v in settings.items()
+             if k not in NOT_IDENTITY and not (k in _ADDED_UNSET and v is None)}
+    text = json.dumps({"method": base_method, "settings": ident}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def training_hash(settings: dict[str, Any]) -> str:
+    """The settings hash of what uniform LoRA reads of ``settings``."""
+    return settings_hash({k: v for k, v in settings.items() if k not in _NOT_TRAINING}, "lora")
 
 
 def method_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:

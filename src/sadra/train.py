@@ -33,7 +33,7 @@ import yaml
 
 from . import __version__
 from .allocate import uniform_budget
-from .config import RUN_DEFAULTS, check_method, merge_run, method_settings
+from .config import RUN_DEFAULTS, check_method, merge_run, method_settings, training_hash
 from .data import calibration_batches, get_task, load_glue, min_words, split_selection, subsample, tokenize
 from .errors import ConfigError, CurvatureError
 from .io import atomic_write_text, ensure_dir, read_json, read_text, write_json
@@ -297,8 +297,6 @@ def run_glue(task: str, method: str, seed: int, out_dir: str | Path, settings: M
 def _twin_result(ctx: RunContext, task: str, timing: Mapping[str, float]) -> dict[str, Any]:
     """The record of a run whose allocation built uniform LoRA's adapter: its uniform twin's results
     (metrics, training log, adapter), with this run's method, allocation and calibration time."""
-    from .benchmark import training_hash
-
     twin = Path(ctx.settings["uniform_twin"])
     record = read_json(twin / "metrics.json", "the uniform twin's metrics")
     ran = yaml.safe_load(read_text(twin / "config.yaml", "the uniform twin's config")) or {}
