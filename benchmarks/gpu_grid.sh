@@ -4,7 +4,7 @@
 # runs only the cells the first did not finish. Usage: benchmarks/gpu_grid.sh [key=value ...]
 #
 #   SADRA_GPU_GRID       grid folder (default results/gpu)
-#   SADRA_GPU_WORKERS    cell processes at once (default 12; each gets one CPU thread)
+#   SADRA_GPU_WORKERS    cell processes at once (default 16; each gets one CPU thread)
 #   SADRA_GPU_LIMIT      seconds before the grid is stopped (default 510), leaving time to report
 #   SADRA_GPU_GRID_SIZE  full (default) or smoke: a CPU-sized check, MRPC only, tiny subsets
 #   SADRA_GLUE_DIR       GLUE folder (default .gpu/glue if benchmarks/gpu_inputs.py wrote it,
@@ -18,7 +18,7 @@ GRID=${SADRA_GPU_GRID:-results/gpu}
 LIMIT=${SADRA_GPU_LIMIT:-510}
 GLUE=${SADRA_GLUE_DIR:-$([ -d .gpu/glue ] && echo .gpu/glue || echo ../shared/glue)}
 MODEL=$([ -d .gpu/minilm ] && echo .gpu/minilm || echo minilm)
-WORKERS=${SADRA_GPU_WORKERS:-12}   # the gpu preset says 12 too; this overrides it
+WORKERS=${SADRA_GPU_WORKERS:-16}   # the gpu preset says 16 too; this overrides it
 SIZE=()
 if [ "${SADRA_GPU_GRID_SIZE:-full}" = smoke ]; then
   WORKERS=${SADRA_GPU_WORKERS:-2}
@@ -48,6 +48,7 @@ done = {(r["task"], r["method"], r["seed"]) for r in map(json.loads, lines)}
 print(f"gpu_grid: {sum(tuple(c) in done for c in grid)} of {len(grid)} cells have results")
 EOF
 if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
   for f in results.jsonl failures.jsonl results.md report.md benchmark_config.json metrics.png forest.png; do
     [ -f "$GRID/$f" ] && cp "$GRID/$f" "$OUT/"
   done
