@@ -102,7 +102,8 @@ def test_gpu_probe_runs_on_cpu_at_toy_size(glue_dir, tmp_path):
 def test_gpu_grid_runs_on_cpu_at_smoke_size_and_resumes(glue_dir, tmp_path):
     grid, out = tmp_path / "grid", tmp_path / "out"  # out does not exist yet: the script makes it
     env = {"SADRA_GPU_GRID_SIZE": "smoke", "SADRA_GPU_GRID": str(grid), "SADRA_GLUE_DIR": str(glue_dir), "OUT": str(out)}
-    proc = run_script(["bash", "benchmarks/gpu_grid.sh"], env, timeout=600)
+    proc = run_script(["bash", "benchmarks/gpu_call.sh"], env, timeout=600)  # the device call, through gpu_grid.sh
+    assert "gpu_call: " in proc.stdout and " peft " in proc.stdout, proc.stdout[-2000:]
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (grid / "results.jsonl").read_text().splitlines()]
     seeds = {(r["method"], r["seed"]) for r in records}
@@ -110,9 +111,9 @@ def test_gpu_grid_runs_on_cpu_at_smoke_size_and_resumes(glue_dir, tmp_path):
     assert all(r["preset"] == "gpu" and r["threads"] == 1 and r["train_samples"] == 32 for r in records)
     assert "gpu_grid: 3 of 3 cells have results" in proc.stdout
     names = {p.name for p in out.iterdir()}  # at most the 8 files a device call brings back
-    assert {"results.jsonl", "results.md", "report.md", "benchmark_config.json", "metrics.png", "runs.tar.gz"} <= names
+    assert {"results.jsonl", "results.md", "report.md", "benchmark_config.json", "runs.tar.gz"} <= names
     assert names <= {"results.jsonl", "failures.jsonl", "results.md", "report.md", "benchmark_config.json",
-                     "metrics.png", "forest.png", "runs.tar.gz"}
+                     "probe_cost.json", "runs.tar.gz"}
     import tarfile
 
     with tarfile.open(out / "runs.tar.gz") as tar:

@@ -26,11 +26,15 @@ def test_pooled_probe_over_two_processes_equals_one_process(tmp_path, glue_dir):
     assert proc.returncode == 0, proc.stderr[-4000:]
     pooled = json.loads((tmp_path / "pooled.json").read_text())
     single = reports(glue_dir)
+    # Each process computes in float32 with its own thread count, so second-order products agree to
+    # float32 rounding of their summed terms (about 1e-6 of the module's largest sample), not bit for
+    # bit; a pooling bug moves them by far more.
     for est in ("fisher", "hutchinson"):
         assert pooled[est]["probes"] == single[est]["probes"] == 4
         for name, values in single[est]["samples"].items():
-            assert pooled[est]["samples"][name] == pytest.approx(values, rel=1e-6, abs=1e-12)
-            assert pooled[est]["scores"][name] == pytest.approx(single[est]["scores"][name], rel=1e-6, abs=1e-12)
+            scale = 1e-5 * max(map(abs, values))
+            assert pooled[est]["samples"][name] == pytest.approx(values, rel=1e-5, abs=scale)
+            assert pooled[est]["scores"][name] == pytest.approx(single[est]["scores"][name], rel=1e-5, abs=scale)
 
 
 def test_sadra_train_under_torchrun_agrees_on_the_allocation(tmp_path, glue_dir):
