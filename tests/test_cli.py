@@ -46,6 +46,11 @@ def test_allocate_prints_table_and_writes_json(probe_json, tmp_path):
     assert all(2 <= r <= 32 for r in data["ranks"].values()) and len(data["ranks"]) == 36
     pruned = run_cli("allocate", probe_json, "--prune", "--out", tmp_path / "pruned.json")
     assert pruned.returncode == 0, pruned.stderr
+    # Without --budget the budget is the uniform LoRA named by --base-rank: r=2 is 36 modules x 2 x 2,304.
+    small = run_cli("allocate", probe_json, "--base-rank", "2", "--min-rank", "1", "--out", tmp_path / "r2.json")
+    assert small.returncode == 0, small.stderr
+    data = json.loads((tmp_path / "r2.json").read_text())
+    assert data["budget"] == 82_944 and data["base_rank"] == 2 and data["params"] <= 82_944
 
 
 @pytest.mark.parametrize("args, needles", [

@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--rule", default=None, choices=RULES,
                    help=f"{help_of('allocate.rule')}. Default: {default_of('allocate.rule')} for a report with the "
                         "gradient spectrum (--estimator gradient), else proportional")
-    a.add_argument("--budget", default=f"lora-r{default_of('lora.r')}",
-                   help="'lora-r<k>' (uniform rank k on the same modules) or a parameter count")
+    a.add_argument("--budget", default=None,
+                   help="'lora-r<k>' (uniform rank k on the same modules) or a parameter count. "
+                        "Default: lora-r<base rank>, the budget of the uniform LoRA it replaces")
     a.add_argument("--base-rank", type=_positive_int, default=default_of("lora.r"), help="rank of the uniform LoRA it replaces")
     a.add_argument("--min-rank", type=_non_negative_int, default=default_of("allocate.min_rank"), help=help_of("allocate.min_rank"))
     a.add_argument("--max-rank", type=_positive_int, default=default_of("allocate.max_rank"), help=help_of("allocate.max_rank"))
@@ -229,7 +230,8 @@ def cmd_allocate(args) -> int:
     out = check_output_file(args.out, "allocation") if args.out else None
     plot = check_output_file(args.plot, "plot") if args.plot else None
     report = SensitivityReport.load(args.probe)
-    alloc = allocate_ranks(report, rule=args.rule, budget=args.budget, base_rank=args.base_rank, min_rank=args.min_rank,
+    budget = args.budget or f"lora-r{args.base_rank}"
+    alloc = allocate_ranks(report, rule=args.rule, budget=budget, base_rank=args.base_rank, min_rank=args.min_rank,
                            max_rank=args.max_rank, prune=args.prune, normalize=args.normalize, power=args.power)
     print(alloc.table())
     if out:
