@@ -12,6 +12,8 @@ compares). Paths are relative to the repository root. Rerun it whenever a result
                                         identical, by the paired 95% interval of the main metric
   {{seeds FOLDER TASK METHOD}}          how many seeds that cell has
   {{cells FOLDER}}                      how many cells have a result
+  {{uniform FOLDER METHOD...}}          "K of N": the finished cells of those methods that allocated
+                                        exactly uniform LoRA's ranks
   {{figure PATH ALT...}}                an image link from the page to PATH, or a note while PATH is not drawn
   {{json FILE KEY[.KEY...] [FORMAT]}}   one value of a JSON file (FORMAT: a format spec, e.g. .2f)
   {{choice FOLDER ranking|lr|default}}  the selection study's decision rule applied to FOLDER
@@ -113,6 +115,17 @@ def cells(root: Path, folder: str) -> str:
     return str(len({(r["task"], r["method"], r["seed"]) for r in _records(root, folder)}))
 
 
+def uniform(root: Path, folder: str, *methods: str) -> str:
+    """How many finished cells of METHODS allocated exactly uniform LoRA's ranks: "K of N"."""
+    def flag(r: dict) -> bool | None:  # records older than the flag: the same ranks everywhere, LoRA's budget
+        if "uniform_allocation" in r or r.get("ranks_min") is None:
+            return r.get("uniform_allocation")
+        return r["ranks_min"] == r["ranks_max"] and r.get("adapter_params") == r.get("lora_budget")
+
+    flags = [f for r in _records(root, folder) if r["method"] in methods and (f := flag(r)) is not None]
+    return f"{sum(map(bool, flags))} of {len(flags)}" if flags else "none finished yet"
+
+
 def figure(root: Path, path: str, *alt: str, page_dir: str = "docs") -> str:
     if not (root / path).exists():
         return f"*({' '.join(alt)}: not drawn yet, `{path}` appears when its runs have finished)*"
@@ -140,7 +153,7 @@ def choice(root: Path, folder: str, part: str) -> str:
 
 
 FUNCTIONS = {"choice": choice, "table": table, "mean": mean, "diff": diff, "verdict": verdict, "seeds": seeds,
-             "cells": cells, "json": json_value, "figure": figure}
+             "cells": cells, "json": json_value, "figure": figure, "uniform": uniform}
 
 
 def render(template: str, root: Path = ROOT, page_dir: str = "docs") -> str:

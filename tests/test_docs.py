@@ -82,6 +82,23 @@ def test_a_block_template_rewrites_only_its_block(tmp_path):
     assert render.page_text(out, tmp_path) == want
 
 
+def test_uniform_counts_the_cells_whose_allocation_was_uniform(tmp_path):
+    folder = tmp_path / "results/grid"
+    folder.mkdir(parents=True)
+    rows = [("sadra", 0, True), ("sadra", 1, True), ("sadra-r2", 0, False), ("sadra-seed", 0, False), ("lora", 0, None)]
+    lines = [{"task": "mrpc", "method": m, "seed": k, **({} if u is None else {"uniform_allocation": u})}
+             for m, k, u in rows]
+    # Records older than the flag: uniform when every rank is equal and the adapter has LoRA's budget.
+    lines += [{"task": "sst2", "method": "sadra-seed", "seed": 0, "ranks_min": 8, "ranks_max": 8,
+               "adapter_params": 331_776, "lora_budget": 331_776},
+              {"task": "sst2", "method": "sadra-seed", "seed": 1, "ranks_min": 2, "ranks_max": 30,
+               "adapter_params": 331_776, "lora_budget": 331_776}]
+    (folder / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert render.render("{{uniform results/grid sadra sadra-r2}}", tmp_path) == "2 of 3"
+    assert render.render("{{uniform results/grid sadra-seed}}", tmp_path) == "1 of 3"
+    assert render.render("{{uniform results/grid lora}}", tmp_path) == "none finished yet"
+
+
 def test_verdict_words_follow_the_paired_interval(tmp_path):
     shutil.copytree(ROOT / "results/selection", tmp_path / "results/selection", ignore=shutil.ignore_patterns("sst2", "mrpc"))
     said = render.render("{{verdict results/selection prop-hutchinson-r2 lora-r2}}", tmp_path)
