@@ -8,14 +8,16 @@
 #
 #   SADRA_GPU_CALL_LIMIT  seconds the whole call may take (default 560)
 #   SADRA_GPU_PROBE       1: run gpu_probe.sh (MiniLM) first, into results/gpu/probe_cost.json
+#   SADRA_GPU_WHEELS      folder of wheels to install first (default .gpu/wheels; empty: none)
 #   SADRA_GLUE_DIR        GLUE folder (default .gpu/glue, unpacked from .gpu/glue.tar.xz if missing)
 #   and gpu_grid.sh's own variables (SADRA_GPU_GRID_SIZE=smoke is the CPU check the tests run)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-if compgen -G ".gpu/wheels/*.whl" > /dev/null; then
+WHEELS=${SADRA_GPU_WHEELS-.gpu/wheels}
+if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/sadra-site .gpu/wheels/*.whl || { echo "gpu_call: the carried wheels did not install"; exit 3; }
+    --target /tmp/sadra-site "$WHEELS"/*.whl || { echo "gpu_call: the carried wheels did not install"; exit 3; }
   export PYTHONPATH="/tmp/sadra-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 GLUE=${SADRA_GLUE_DIR:-.gpu/glue}

@@ -101,7 +101,8 @@ def test_gpu_probe_runs_on_cpu_at_toy_size(glue_dir, tmp_path):
 @pytest.mark.slow
 def test_gpu_grid_runs_on_cpu_at_smoke_size_and_resumes(glue_dir, tmp_path):
     grid, out = tmp_path / "grid", tmp_path / "out"  # out does not exist yet: the script makes it
-    env = {"SADRA_GPU_GRID_SIZE": "smoke", "SADRA_GPU_GRID": str(grid), "SADRA_GLUE_DIR": str(glue_dir), "OUT": str(out)}
+    env = {"SADRA_GPU_GRID_SIZE": "smoke", "SADRA_GPU_GRID": str(grid), "SADRA_GLUE_DIR": str(glue_dir), "OUT": str(out),
+           "SADRA_GPU_WHEELS": ""}  # the wheels a lent machine needs are for its Python, not this one's
     proc = run_script(["bash", "benchmarks/gpu_call.sh"], env, timeout=600)  # the device call, through gpu_grid.sh
     assert "gpu_call: " in proc.stdout and " peft " in proc.stdout, proc.stdout[-2000:]
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
