@@ -21,6 +21,23 @@ def test_evidence_preset_runs_the_issue_seed_counts():
     assert cfg.resolve("qnli", "lora")["max_eval_samples"] == 2000
 
 
+def test_workers_claim_an_allocated_cell_after_its_uniform_lora_cell(tmp_path):
+    from sadra.benchmark import _Cell, _Claims
+
+    cfg = BenchmarkConfig({"tasks": ["mrpc"], "methods": ["sadra", "random", "lora", "eva"], "seeds": [0]})
+    claims = _Claims([_Cell(cfg, tmp_path, *key) for key in cfg.cells()])
+    lora, eva = claims.claim(), claims.claim()
+    assert (lora.method, eva.method) == ("lora", "eva")  # sadra and random wait for lora; eva for nothing
+    assert claims.claim().method == "sadra"  # lora still runs and nothing else is ready: no worker idles
+    claims.finish(lora)
+    assert claims.claim().method == "random"
+    assert claims.claim() is None
+    # Trained with other settings, lora cannot lend its results: nothing to wait for.
+    cfg = BenchmarkConfig({"tasks": ["mrpc"], "methods": ["sadra", "lora"], "seeds": [0],
+                           "per_method": {"sadra": {"train": {"learning_rate": 1e-3}}}})
+    assert _Claims([_Cell(cfg, tmp_path, *key) for key in cfg.cells()]).claim().method == "sadra"
+
+
 def test_method_seeds_limit_a_method_and_survive_a_seeds_override():
     cfg = BenchmarkConfig({"tasks": ["mrpc"], "methods": ["lora", "eva"], "seeds": [0, 1, 2],
                            "method_seeds": {"eva": [0, 1]}})

@@ -144,27 +144,51 @@ def _record(cell: _Cell, record: dict[str, Any], cfg: BenchmarkConfig, out: Path
         done.add(cell.key)
 
 
+class _Claims:
+    """The cells left for the workers, each claimed once. An allocated cell is claimed after the
+    uniform-LoRA cells it could take results from (same task, seed and training settings; see
+    ``uniform_twin``) have finished, unless nothing else is left to start."""
+
+    def __init__(self, cells: list[_Cell]):
+        from .config import ALLOCATED_METHODS
+
+        self._pending, self._lock = list(cells), threading.Lock()
+        self._unfinished = {c.key for c in cells}
+        loras = [c for c in cells if c.base_method == "lora"]
+        self._waits_for = {c.key: {t.key for t in loras if (t.task, t.seed) == (c.task, c.seed)
+                                   and training_hash(t.settings) == training_hash(c.settings)}
+                           for c in cells if c.base_method in ALLOCATED_METHODS and not c.settings["uniform_twin"]}
+
+    def claim(self) -> _Cell | None:
+        with self._lock:
+            if not self._pending:
+                return None
+            cell = next((c for c in self._pending if not self._waits_for.get(c.key, set()) & self._unfinished),
+                        self._pending[0])
+            self._pending.remove(cell)
+            return cell
+
+    def finish(self, cell: _Cell) -> None:
+        with self._lock:
+            self._unfinished.discard(cell.key)
+
+
 def _run_workers(cells: list[_Cell], cfg: BenchmarkConfig, out: Path, workers: int, commit: str | None,
                  done: set) -> None:
-    """``workers`` threads, each running one cell process at a time; a cell is claimed by taking it
-    from the shared queue, so no two workers run the same cell. Cell output goes to each cell.log."""
-    import queue
-
-    todo: queue.Queue = queue.Queue()
-    for cell in cells:
-        todo.put(cell)
+    """``workers`` threads, each running one cell process at a time; a cell is claimed once
+    (:class:`_Claims`), so no two workers run the same cell. Cell output goes to each cell.log."""
+    claims = _Claims(cells)
 
     def work():
-        while True:
-            try:
-                cell = todo.get_nowait()
-            except queue.Empty:
-                return
+        while (cell := claims.claim()) is not None:
             print(f"sadra: {cell.name} started", file=sys.stderr)
-            record = _run_cell(cell, cfg, out, progress=False, echo=False)
-            if record is not None:
-                _record(cell, record, cfg, out, commit, done)
-                print(f"sadra: {cell.name} finished", file=sys.stderr)
+            try:
+                record = _run_cell(cell, cfg, out, progress=False, echo=False)
+                if record is not None:
+                    _record(cell, record, cfg, out, commit, done)
+                    print(f"sadra: {cell.name} finished", file=sys.stderr)
+            finally:
+                claims.finish(cell)
 
     threads = [threading.Thread(target=work, name=f"worker-{i}") for i in range(workers)]
     for t in threads:
