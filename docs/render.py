@@ -66,7 +66,9 @@ def _scale(metric: str) -> tuple[float, int]:
 
 def table(root: Path, folder: str) -> str:
     config_path = root / folder / "benchmark_config.json"
-    methods = json.loads(config_path.read_text()).get("methods") if config_path.exists() else None
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    # In the order first asked of the folder, so columns stay put while a grid runs in phases.
+    methods = list(dict.fromkeys([c[1] for c in config.get("cells", [])] + config.get("methods", []))) or None
     return results_table(list(_records(root, folder)), methods, read_jsonl(root / folder / "failures.jsonl")).rstrip()
 
 

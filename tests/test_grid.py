@@ -85,7 +85,7 @@ def test_grid_file_adds_up_the_cells_of_each_invocation(tmp_path):
         cfg = BenchmarkConfig({"name": "g", "tasks": ["mrpc"], "methods": methods, "seeds": seeds})
         _write_grid(tmp_path, cfg, [_Cell(cfg, tmp_path, *c) for c in cfg.cells()])
     grid = json.loads((tmp_path / "benchmark_config.json").read_text())
-    assert grid["methods"] == ["lora"] and grid["cells"] == [["mrpc", "lora", 0], ["mrpc", "eva", 0], ["mrpc", "lora", 1]]
+    assert grid["methods"] == ["lora", "eva"] and grid["cells"] == [["mrpc", "lora", 0], ["mrpc", "eva", 0], ["mrpc", "lora", 1]]
     missing = [line for line in write_report(tmp_path).read_text().splitlines() if line.startswith("- mrpc / ")]
     assert len(missing) == 3 and "- mrpc / eva / seed 0: not started" in missing
 

@@ -114,8 +114,9 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = Tru
 
 
 def _write_grid(out: Path, cfg: BenchmarkConfig, cells: list[_Cell]) -> None:
-    """``benchmark_config.json``: this invocation's settings, and under ``cells`` every cell asked of
-    the folder so far (runs in phases, e.g. ``--methods`` or ``--seeds`` subsets, add up)."""
+    """``benchmark_config.json``: this invocation's settings, and under ``cells`` and ``methods`` every
+    cell and method asked of the folder so far (runs in phases, e.g. ``--methods`` or ``--seeds``
+    subsets, add up)."""
     path = out / "benchmark_config.json"
     try:
         earlier = read_json(path).get("cells", []) if path.exists() else []
@@ -123,7 +124,9 @@ def _write_grid(out: Path, cfg: BenchmarkConfig, cells: list[_Cell]) -> None:
         earlier = []
     asked = [list(c) for c in earlier if isinstance(c, list) and len(c) == 3]
     asked += [list(c.key) for c in cells if list(c.key) not in asked]
-    write_json(path, {**cfg.to_dict(), "cells": asked})
+    # Every method asked so far, in the order first asked: tables keep their columns across phases.
+    methods = list(dict.fromkeys([c[1] for c in asked] + list(cfg.methods)))
+    write_json(path, {**cfg.to_dict(), "methods": methods, "cells": asked})
 
 
 # One lock for the grid's shared files (results.jsonl, failures.jsonl) when workers run cells at once.
@@ -378,7 +381,8 @@ def _train_rows(cell: _Cell) -> int:
 def _write_outputs(out: Path, records: list[dict[str, Any]], cfg: BenchmarkConfig, report: bool) -> None:
     from .results import write_results
 
-    write_results(records, out, methods=cfg.methods, failures=read_jsonl(out / "failures.jsonl"))
+    methods = read_json(out / "benchmark_config.json").get("methods", cfg.methods)  # every phase's, in order
+    write_results(records, out, methods=methods, failures=read_jsonl(out / "failures.jsonl"))
     if report:
         try:
             from .report import write_report
