@@ -90,7 +90,8 @@ def diff(root: Path, folder: str, task: str, method: str, metric: str, reference
 
 def verdict(root: Path, folder: str, method: str, reference: str = REFERENCE) -> str:
     """METHOD against REF on each task of FOLDER in words, by the paired 95% interval of the main metric:
-    better (above 0), worse (below 0), a tie (it spans 0), identical (every seed equal)."""
+    better (above 0), worse (below 0), a tie (it spans 0), identical (every seed equal); with fewer
+    than three pairs, only how many there are."""
     records = _records(root, folder)
     config_path = root / folder / "benchmark_config.json"
     listed = json.loads(config_path.read_text()).get("tasks", []) if config_path.exists() else []
@@ -103,7 +104,10 @@ def verdict(root: Path, folder: str, method: str, reference: str = REFERENCE) ->
         if stat is None:
             parts.append(f"{name}: not run yet")
             continue
+        # Two seeds can differ by the same count of dev examples, which gives a zero-width interval:
+        # no word of better or worse before three pairs.
         word = ("one seed so far" if stat["n"] < 2 else "identical" if stat["sd"] == 0 and stat["mean"] == 0
+                else "two seeds so far" if stat["n"] < 3
                 else "better" if stat["ci_low"] > 0 else "worse" if stat["ci_high"] < 0 else "a tie")
         parts.append(f"{name}: {word}, {format_paired(stat)}")
     return "; ".join(parts) or "not run yet"

@@ -107,5 +107,14 @@ def test_verdict_words_follow_the_paired_interval(tmp_path):
     assert render.render("{{verdict results/selection random-r2 lora-r2}}", tmp_path).count(": a tie, ") == 2
     assert render.render("{{verdict results/selection spectral}}", tmp_path).count(": identical, ") == 2
     assert "MRPC F1: a tie" in render.render("{{verdict results/selection prop-hutchinson}}", tmp_path)
+    # Two pairs that differ by the same count of examples: a zero-width interval, yet no verdict.
+    two = [json.loads(line) for line in (tmp_path / "results/selection/results.jsonl").read_text().splitlines()
+           if json.loads(line)["task"] == "mrpc" and json.loads(line)["method"] == "lora"][:2]
+    folder = tmp_path / "results/two"
+    folder.mkdir()
+    (folder / "results.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for rec in two
+        for r in (rec, {**rec, "method": "other", "metrics": {**rec["metrics"], "f1": rec["metrics"]["f1"] + 0.01}})))
+    assert render.render("{{verdict results/two other}}", tmp_path).startswith("MRPC F1: two seeds so far, +1.00")
     assert render.render("{{verdict results/selection never-run}}", tmp_path) == \
         "SST-2 accuracy: not run yet; MRPC F1: not run yet"
