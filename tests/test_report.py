@@ -1,6 +1,7 @@
 """`sadra report` on a smoke benchmark's output, complete and with missing or partial runs."""
 
 import json
+import math
 import re
 import shutil
 
@@ -113,3 +114,15 @@ def test_cost_table_leaves_resumed_runs_out_of_the_times():
     expected = sum(r["train_seconds"] for r in fresh) / len(fresh)
     assert cost_row(ga).split(" | ")[3] == f"{expected:.1f}"
     assert cost_row(resumed).split(" | ")[2:6] == ["—", "—", "—", "—"]
+
+
+def test_paired_stats_when_every_pair_differs_alike():
+    from sadra.results import format_paired, paired_stats
+
+    # Two seeds 2 of 872 dev examples apart each time: float rounding aside, no spread to test against.
+    lora, other = {0: 746 / 872, 1: 747 / 872}, {0: 748 / 872, 1: 749 / 872}
+    stat = paired_stats(other, lora)
+    assert stat["sd"] == 0.0 and math.isnan(stat["p"]) and stat["ci_low"] == stat["ci_high"] == stat["mean"]
+    assert format_paired(stat, p=stat["p"]) == "+0.23 [+0.23, +0.23] p=— (n=2)"
+    assert paired_stats(lora, dict(lora))["p"] == 1.0  # identical runs
+    assert 0 < paired_stats({0: 0.80, 1: 0.83, 2: 0.81}, {0: 0.79, 1: 0.80, 2: 0.80})["p"] < 1

@@ -44,9 +44,14 @@ def paired_stats(a: dict[int, float], b: dict[int, float]) -> dict[str, float] |
     if n < 2:
         return {"n": n, "mean": mean, "sd": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
                 "p": float("nan")}
-    sd = float(diff.std(ddof=1))
+    if np.allclose(diff, diff[0], rtol=0.0, atol=1e-12):
+        # Every pair differs alike (a metric counts examples, so this happens): no spread to test
+        # against. Identical runs get p=1; an equal non-zero difference gets no p-value at all.
+        sd, p = 0.0, (1.0 if abs(mean) <= 1e-12 else float("nan"))
+    else:
+        sd = float(diff.std(ddof=1))
+        p = float(stats.ttest_1samp(diff, 0.0).pvalue)
     half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    p = (1.0 if mean == 0 else 0.0) if sd == 0 else float(stats.ttest_1samp(diff, 0.0).pvalue)
     return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half, "p": p}
 
 
@@ -172,7 +177,7 @@ def format_paired(stat: dict[str, float], scale: float = 100.0, digits: int = 2,
     if stat["n"] < 2:
         return f"{mean:+.{digits}f} (n=1)"
     low, high = stat["ci_low"] * scale, stat["ci_high"] * scale
-    p_text = "" if p is None else f" p={p:.2g}"
+    p_text = "" if p is None else " p=—" if math.isnan(p) else f" p={p:.2g}"
     return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]{p_text} (n={stat['n']})"
 
 
