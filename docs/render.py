@@ -37,7 +37,7 @@ from pathlib import Path
 
 from sadra.data import get_task
 from sadra.io import read_jsonl
-from sadra.results import REFERENCE, format_mean_sd, format_paired, paired_stats, results_table
+from sadra.results import REFERENCE, format_mean_sd, format_paired, grid_methods, paired_stats, results_table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "studies"))
@@ -67,8 +67,7 @@ def _scale(metric: str) -> tuple[float, int]:
 def table(root: Path, folder: str) -> str:
     config_path = root / folder / "benchmark_config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    # In the order first asked of the folder, so columns stay put while a grid runs in phases.
-    methods = list(dict.fromkeys([c[1] for c in config.get("cells", [])] + config.get("methods", []))) or None
+    methods = grid_methods(config) or None
     return results_table(list(_records(root, folder)), methods, read_jsonl(root / folder / "failures.jsonl")).rstrip()
 
 

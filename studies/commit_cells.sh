@@ -27,13 +27,13 @@ from pathlib import Path
 from sadra.config import load_benchmark_config
 from sadra.io import read_jsonl
 from sadra.report import write_report
-from sadra.results import write_results
+from sadra.results import grid_methods, write_results
 out, config_file = Path(sys.argv[1]), sys.argv[2]
 grid = json.loads((out / "benchmark_config.json").read_text()) if (out / "benchmark_config.json").exists() else {}
 if config_file:
     methods = load_benchmark_config(None, config_file=config_file).methods
 else:
-    methods = list(dict.fromkeys(cell[1] for cell in grid.get("cells", []))) or grid.get("methods")
+    methods = grid_methods(grid) or None
 write_results(read_jsonl(out / "results.jsonl"), out, methods=methods, failures=read_jsonl(out / "failures.jsonl"))
 write_report(out)
 PY

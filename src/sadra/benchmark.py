@@ -114,6 +114,8 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = Tru
 
 
 def _write_grid(out: Path, cfg: BenchmarkConfig, cells: list[_Cell]) -> None:
+    from .results import grid_methods
+
     """``benchmark_config.json``: this invocation's settings, and under ``cells`` and ``methods`` every
     cell and method asked of the folder so far (runs in phases, e.g. ``--methods`` or ``--seeds``
     subsets, add up)."""
@@ -124,9 +126,8 @@ def _write_grid(out: Path, cfg: BenchmarkConfig, cells: list[_Cell]) -> None:
         earlier = []
     asked = [list(c) for c in earlier if isinstance(c, list) and len(c) == 3]
     asked += [list(c.key) for c in cells if list(c.key) not in asked]
-    # Every method asked so far, in the order first asked: tables keep their columns across phases.
-    methods = list(dict.fromkeys([c[1] for c in asked] + list(cfg.methods)))
-    write_json(path, {**cfg.to_dict(), "methods": methods, "cells": asked})
+    write_json(path, {**cfg.to_dict(), "methods": grid_methods({"cells": asked, "methods": cfg.methods}),
+                      "cells": asked})
 
 
 # One lock for the grid's shared files (results.jsonl, failures.jsonl) when workers run cells at once.
@@ -157,9 +158,9 @@ class _Claims:
 
         self._pending, self._lock = list(cells), threading.Lock()
         self._unfinished = {c.key for c in cells}
-        loras = [c for c in cells if c.base_method == "lora"]
-        self._waits_for = {c.key: {t.key for t in loras if (t.task, t.seed) == (c.task, c.seed)
-                                   and training_hash(t.settings) == training_hash(c.settings)}
+        trained = {c.key: (c.task, c.seed, training_hash(c.settings)) for c in cells}
+        loras = [c.key for c in cells if c.base_method == "lora"]
+        self._waits_for = {c.key: {t for t in loras if trained[t] == trained[c.key]}
                            for c in cells if c.base_method in ALLOCATED_METHODS and not c.settings["uniform_twin"]}
 
     def claim(self) -> _Cell | None:

@@ -398,7 +398,7 @@ def _missing(folder: Path, records: list[dict]) -> list[str]:
 def write_report(folder: str | Path) -> Path:
     """Write the figures and ``report.md`` into ``folder``; returns the report's path."""
     from .errors import DataError
-    from .results import results_table
+    from .results import grid_methods, results_table
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -410,9 +410,7 @@ def write_report(folder: str | Path) -> Path:
     if not records and not (folder / "benchmark_config.json").exists():
         raise DataError(f"{str(folder)!r} holds no results.jsonl or benchmark_config.json; pass the --out folder of 'sadra benchmark'")
     config = _load_json(folder / "benchmark_config.json") or {}
-    # In the order first asked of the folder (its cells), so columns stay put while a grid runs in phases.
-    asked = [c[1] for c in config.get("cells", []) if isinstance(c, list) and len(c) == 3]
-    methods = list(dict.fromkeys(asked + list(config.get("methods", METHODS)))) or list(METHODS)
+    methods = grid_methods({"methods": METHODS, **config}) or list(METHODS)
     methods += sorted({r["method"] for r in records} - set(methods))
     tasks = list(dict.fromkeys(list(config.get("tasks", [])) + [r["task"] for r in records]))
     seeds: dict[tuple[str, str], list[int]] = defaultdict(list)

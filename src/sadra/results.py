@@ -32,6 +32,14 @@ def check_records(records: list[dict[str, Any]], source: str = "results.jsonl") 
                             "(remove the line or rerun the benchmark)")
 
 
+def grid_methods(grid: dict[str, Any]) -> list[str]:
+    """A benchmark folder's methods (its ``benchmark_config.json``) in the order first asked of it:
+    those of its ``cells``, then any other it lists. Tables follow it, so columns stay put while a
+    grid runs in phases."""
+    asked = [c[1] for c in grid.get("cells", []) if isinstance(c, (list, tuple)) and len(c) == 3]
+    return list(dict.fromkeys(asked + list(grid.get("methods", []))))
+
+
 def paired_stats(a: dict[int, float], b: dict[int, float]) -> dict[str, float] | None:
     """``a - b`` over the seeds both have: n, mean, s.d., 95% CI and the paired t-test p (None if no seed)."""
     from scipy import stats
