@@ -8,6 +8,7 @@
 #
 #   SADRA_GPU_CALL_LIMIT  seconds the whole call may take (default 560)
 #   SADRA_GPU_PROBE       1: run gpu_probe.sh (MiniLM) first, into results/gpu/probe_cost.json
+#   SADRA_GPU_MPS         1 (default): run the cells under CUDA MPS where it starts; 0: never
 #   SADRA_GPU_WHEELS      folder of wheels to install first (default .gpu/wheels; empty: none)
 #   SADRA_GLUE_DIR        GLUE folder (default .gpu/glue, unpacked from .gpu/glue.tar.xz if missing)
 #   and gpu_grid.sh's own variables (SADRA_GPU_GRID_SIZE=smoke is the CPU check the tests run)
@@ -30,6 +31,20 @@ print('gpu_call:', torch.__version__, 'transformers', transformers.__version__, 
 if [ "${SADRA_GPU_PROBE:-0}" = 1 ]; then
   SADRA_GPU_PROBE_LIMIT=90 bash benchmarks/gpu_probe.sh --models minilm --glue-dir "$GLUE" \
     || echo "gpu_call: the probe benchmark failed; the grid runs anyway"
+fi
+# Cell processes without CUDA's multi-process service take turns on the GPU; under it their small
+# kernels run side by side. Kept only if a CUDA context opens under the daemon; stopped on exit.
+if [ "${SADRA_GPU_MPS:-1}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/sadra-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/sadra-mps/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d && timeout 60 python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT
+    echo "gpu_call: CUDA MPS on"
+  else
+    echo quit | nvidia-cuda-mps-control 2> /dev/null
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    echo "gpu_call: CUDA MPS did not start; the cells take turns on the GPU"
+  fi
 fi
 # What is left, less the report and the tarball after the grid stops (and its 20 s kill grace).
 left=$(( ${SADRA_GPU_CALL_LIMIT:-560} - SECONDS - 50 ))

@@ -106,7 +106,7 @@ def verdict(root: Path, folder: str, method: str, reference: str = REFERENCE) ->
         # Two seeds can differ by the same count of dev examples, which gives a zero-width interval:
         # no word of better or worse before three pairs.
         word = ("one seed so far" if stat["n"] < 2 else "identical" if stat["sd"] == 0 and stat["mean"] == 0
-                else "two seeds so far" if stat["n"] < 3
+                else "two seeds, too few to call" if stat["n"] < 3
                 else "better" if stat["ci_low"] > 0 else "worse" if stat["ci_high"] < 0 else "a tie")
         parts.append(f"{name}: {word}, {format_paired(stat)}")
     return "; ".join(parts) or "not run yet"

@@ -115,6 +115,6 @@ def test_verdict_words_follow_the_paired_interval(tmp_path):
     (folder / "results.jsonl").write_text("".join(
         json.dumps(r) + "\n" for rec in two
         for r in (rec, {**rec, "method": "other", "metrics": {**rec["metrics"], "f1": rec["metrics"]["f1"] + 0.01}})))
-    assert render.render("{{verdict results/two other}}", tmp_path).startswith("MRPC F1: two seeds so far, +1.00")
+    assert render.render("{{verdict results/two other}}", tmp_path).startswith("MRPC F1: two seeds, too few to call, +1.00")
     assert render.render("{{verdict results/selection never-run}}", tmp_path) == \
         "SST-2 accuracy: not run yet; MRPC F1: not run yet"
