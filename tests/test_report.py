@@ -48,6 +48,8 @@ def test_report_on_partial_output_says_what_is_missing(smoke_out, tmp_path):
     proc = run_cli("report", partial)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = (partial / "report.md").read_text()
+    assert "| sst2 | accuracy (validation) |" in (partial / "results.md").read_text()  # rewritten from the records kept
+    assert "| mrpc |" not in (partial / "results.md").read_text()
     assert "- mrpc / lora / seed 0: not started" in report
     assert "- mrpc / sadra / seed 0: started, unfinished" in report
     assert "- sst2 / eva / seed 0: finished but not recorded" in report

@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.epochs=2 per_method.full.train.learning_rate=5e-5")
 
-    r = sub.add_parser("report", help="write report.md and figures for a benchmark folder")
+    r = sub.add_parser("report", help="rewrite results.md, report.md and the figures of a benchmark folder "
+                                      "from its results.jsonl")
     r.add_argument("folder")
     return parser
 
@@ -356,10 +357,17 @@ def cmd_benchmark(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .io import read_json, read_jsonl
     from .report import write_report
+    from .results import grid_methods, write_results
 
-    path = write_report(args.folder)
-    print(f"wrote {path}")
+    path = write_report(args.folder)  # checks the folder and its records before anything is written
+    folder = Path(args.folder)
+    # A grid stopped at a time limit never wrote its results.md; the report brings it up to date.
+    grid = read_json(folder / "benchmark_config.json") if (folder / "benchmark_config.json").is_file() else {}
+    write_results(read_jsonl(folder / "results.jsonl"), folder, methods=grid_methods(grid) or None,
+                  failures=read_jsonl(folder / "failures.jsonl"))
+    print(f"wrote {path} and {folder / 'results.md'}")
     return 0
 
 
