@@ -37,7 +37,8 @@ from pathlib import Path
 
 from sadra.data import get_task
 from sadra.io import read_jsonl
-from sadra.results import REFERENCE, format_mean_sd, format_paired, grid_methods, paired_stats, results_table
+from sadra.results import (REFERENCE, format_mean_sd, format_paired, grid_methods, paired_stats, paired_to_reference,
+                           results_table)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "studies"))
@@ -90,26 +91,46 @@ def diff(root: Path, folder: str, task: str, method: str, metric: str, reference
 def verdict(root: Path, folder: str, method: str, reference: str = REFERENCE) -> str:
     """METHOD against REF on each task of FOLDER in words, by the paired 95% interval of the main metric:
     better (above 0), worse (below 0), a tie (it spans 0), identical (every seed equal); with fewer
-    than three pairs, only how many there are."""
+    than three pairs, only how many there are. Against `lora` the p-value is Holm-corrected across the
+    folder's methods, as in its results.md, and an interval that excludes 0 is called better or worse
+    only if that p is below 0.05 too."""
     records = _records(root, folder)
     config_path = root / folder / "benchmark_config.json"
     listed = json.loads(config_path.read_text()).get("tasks", []) if config_path.exists() else []
     parts = []
     for task in dict.fromkeys([*listed, *(r["task"] for r in records)]):
         metric = get_task(task).main_metric
-        values, ref = _values(root, folder, task, method, metric), _values(root, folder, task, reference, metric)
-        stat = paired_stats(values, ref) if values and ref else None
+        stat, p = _paired(records, root, folder, task, method, metric, reference)
         name = f"{get_task(task).folder} {'F1' if metric == 'f1' else metric}"
         if stat is None:
             parts.append(f"{name}: not run yet")
             continue
-        # Two seeds can differ by the same count of dev examples, which gives a zero-width interval:
-        # no word of better or worse before three pairs.
-        word = ("one seed so far" if stat["n"] < 2 else "identical" if stat["sd"] == 0 and stat["mean"] == 0
-                else "two seeds, too few to call" if stat["n"] < 3
-                else "better" if stat["ci_low"] > 0 else "worse" if stat["ci_high"] < 0 else "a tie")
-        parts.append(f"{name}: {word}, {format_paired(stat)}")
+        parts.append(f"{name}: {_verdict_word(stat, p)}, {format_paired(stat, p=p)}")
     return "; ".join(parts) or "not run yet"
+
+
+def _paired(records, root: Path, folder: str, task: str, method: str, metric: str, reference: str):
+    """(paired statistics or None, Holm-corrected p against `lora`, else None)."""
+    if reference == REFERENCE:
+        return paired_to_reference(records, task, metric).get(method, (None, None))
+    values, ref = _values(root, folder, task, method, metric), _values(root, folder, task, reference, metric)
+    return (paired_stats(values, ref) if values and ref else None), None
+
+
+def _verdict_word(stat: dict, p: float | None) -> str:
+    # Two seeds can differ by the same count of dev examples, which gives a zero-width interval:
+    # no word of better or worse before three pairs.
+    if stat["n"] < 2:
+        return "one seed so far"
+    if stat["sd"] == 0 and stat["mean"] == 0:
+        return "identical"
+    if stat["n"] < 3:
+        return "two seeds, too few to call"
+    if stat["ci_low"] <= 0 <= stat["ci_high"]:
+        return "a tie"
+    if p is not None and p >= 0.05:  # NaN (every pair differs alike) keeps the interval's word
+        return "a tie after Holm's correction"
+    return "better" if stat["ci_low"] > 0 else "worse"
 
 
 def seeds(root: Path, folder: str, task: str, method: str) -> str:

@@ -99,6 +99,27 @@ def test_uniform_counts_the_cells_whose_allocation_was_uniform(tmp_path):
     assert render.render("{{uniform results/grid lora}}", tmp_path) == "none finished yet"
 
 
+def test_verdict_needs_holms_p_as_well_as_the_interval(tmp_path):
+    # b - lora: +1.0, +2.0, +1.5 points; t = 1.5 / (0.5 / sqrt(3)) = 5.196 with 2 degrees of freedom,
+    # two-sided p = 0.0351, interval 1.5 +- 4.303 x 0.2887 = [+0.26, +2.74]. Beside c (p = 1), Holm
+    # doubles b's p to 0.0702: the interval excludes 0, the corrected test does not.
+    folder = tmp_path / "results/holm"
+    folder.mkdir(parents=True)
+
+    def write(rows):
+        (folder / "results.jsonl").write_text("".join(
+            json.dumps({"task": "mrpc", "method": m, "seed": k, "metrics": {"f1": v}}) + "\n"
+            for m, values in rows for k, v in enumerate(values)))
+
+    lora, b, c = ("lora", [0.80, 0.80, 0.80]), ("b", [0.81, 0.82, 0.815]), ("c", [0.80, 0.81, 0.79])
+    write([lora, b, c])
+    assert render.render("{{verdict results/holm b}}", tmp_path) == \
+        "MRPC F1: a tie after Holm's correction, +1.50 [+0.26, +2.74] p=0.07 (n=3)"
+    assert render.render("{{verdict results/holm c}}", tmp_path) == "MRPC F1: a tie, +0.00 [-2.48, +2.48] p=1 (n=3)"
+    write([lora, b])  # compared alone, b's p is its own
+    assert render.render("{{verdict results/holm b}}", tmp_path) == "MRPC F1: better, +1.50 [+0.26, +2.74] p=0.035 (n=3)"
+
+
 def test_verdict_words_follow_the_paired_interval(tmp_path):
     shutil.copytree(ROOT / "results/selection", tmp_path / "results/selection", ignore=shutil.ignore_patterns("sst2", "mrpc"))
     said = render.render("{{verdict results/selection prop-hutchinson-r2 lora-r2}}", tmp_path)

@@ -169,14 +169,28 @@ def _paired_section(by_cell, tasks, methods) -> list[str]:
     for task in tasks:
         main = get_task(task).main_metric if task != "causal-lm" else "perplexity"
         for metric, scale in ((main, 100.0), ("loss", 1.0)):
-            ref = {s: r["metrics"].get(metric) for s, r in by_cell.get((task, REFERENCE), {}).items()}
-            found = [paired_stats({s: r["metrics"].get(metric) for s, r in by_cell.get((task, m), {}).items()
-                                   if r["metrics"].get(metric) is not None},
-                                  {s: v for s, v in ref.items() if v is not None}) for m in others]
-            adjusted = holm([f["p"] if f else float("nan") for f in found])
-            cells = [_paired_cell(f, p, scale) for f, p in zip(found, adjusted)]
+            cells = [_paired_cell(f, p, scale) for f, p in _paired_with_holm(by_cell, task, metric, others)]
             rows.append([task, "cross-entropy" if metric == "loss" else metric] + cells)
     return lines + _table(["task", "metric"] + others, rows)
+
+
+def _paired_with_holm(by_cell, task: str, metric: str, others: Sequence[str]) -> list[tuple[dict | None, float]]:
+    """Each of ``others`` minus the reference on one task and metric, with Holm's p across ``others``."""
+    def values(method: str) -> dict[int, float]:
+        return {s: r["metrics"][metric] for s, r in by_cell.get((task, method), {}).items()
+                if r["metrics"].get(metric) is not None}
+
+    found = [paired_stats(values(m), values(REFERENCE)) for m in others]
+    return list(zip(found, holm([f["p"] if f else float("nan") for f in found])))
+
+
+def paired_to_reference(records: Sequence[dict[str, Any]], task: str,
+                        metric: str) -> dict[str, tuple[dict | None, float]]:
+    """Every method of ``records`` minus ``lora`` on one task and metric: the paired statistics and the
+    Holm-corrected p across the methods compared, exactly as ``results.md`` reports them."""
+    by_cell = _cells(records)
+    others = sorted({m for _, m in by_cell} - {REFERENCE})
+    return dict(zip(others, _paired_with_holm(by_cell, task, metric, others)))
 
 
 def format_paired(stat: dict[str, float], scale: float = 100.0, digits: int = 2, p: float | None = None) -> str:
