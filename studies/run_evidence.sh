@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The verdict grid (the `evidence` preset) into results/evidence, part by part, seed by seed, so that
 # the arms of a part have the same seeds whenever it stops; rerun to continue (finished cells are
-# skipped). Usage: studies/run_evidence.sh [PART...]   (default: core baselines sweep)
+# skipped). Usage: studies/run_evidence.sh [PART...]   (default: core sweep baselines; the sweep
+# before the baselines, since the GPU grid already has those on the full training sets)
 #   core       what the verdict on rank allocation needs first: lora, sadra-seed, random and sadra
 #              (last: where its allocation is uniform LoRA's adapter, a cell takes the finished lora
 #              cell's results, same_training_as, after its probe instead of training it again),
@@ -18,7 +19,7 @@ GLUE=${SADRA_GLUE_DIR:-../shared/glue}
 # Exit 1 means some cells failed (listed in failures.jsonl): go on; anything else stops the grid.
 bench() { python3 -m sadra benchmark --preset evidence --glue-dir "$GLUE" --out "$OUT" --quiet "$@" || [ $? -eq 1 ]; }
 words=()
-for word in ${*:-core baselines sweep}; do
+for word in ${*:-core sweep baselines}; do
   if [ "$word" = base ]; then words+=(core baselines); else words+=("$word"); fi
 done
 for word in "${words[@]}"; do
