@@ -9,6 +9,8 @@
 #   SADRA_GPU_CALL_LIMIT  seconds the whole call may take (default 560)
 #   SADRA_GPU_PROBE       1: run gpu_probe.sh (MiniLM) first, into results/gpu/probe_cost.json
 #   SADRA_GPU_MPS         1 (default): run the cells under CUDA MPS where it starts; 0: never
+#   SADRA_GPU_SHARE       1: run gpu_share.py first (16 processes, plain against MPS), into the grid
+#                         folder's share.json; SADRA_GPU_SHARE_ARGS: its extra arguments (the CPU check's size)
 #   SADRA_GPU_WHEELS      folder of wheels to install first (default .gpu/wheels; empty: none)
 #   SADRA_GLUE_DIR        GLUE folder (default .gpu/glue, unpacked from .gpu/glue.tar.xz if missing)
 #   and gpu_grid.sh's own variables (SADRA_GPU_GRID_SIZE=smoke is the CPU check the tests run)
@@ -31,6 +33,11 @@ print('gpu_call:', torch.__version__, 'transformers', transformers.__version__, 
 if [ "${SADRA_GPU_PROBE:-0}" = 1 ]; then
   SADRA_GPU_PROBE_LIMIT=90 bash benchmarks/gpu_probe.sh --models minilm --glue-dir "$GLUE" \
     || echo "gpu_call: the probe benchmark failed; the grid runs anyway"
+fi
+if [ "${SADRA_GPU_SHARE:-0}" = 1 ]; then
+  mkdir -p "${SADRA_GPU_GRID:-results/gpu}"
+  PYTHONPATH="src:benchmarks${PYTHONPATH:+:$PYTHONPATH}" timeout 240 python3 benchmarks/gpu_share.py --glue-dir "$GLUE" \
+    --json "${SADRA_GPU_GRID:-results/gpu}/share.json" ${SADRA_GPU_SHARE_ARGS:-} || echo "gpu_call: the sharing benchmark failed; the grid runs anyway"
 fi
 # Cell processes without CUDA's multi-process service take turns on the GPU; under it their small
 # kernels run side by side. Kept only if a CUDA context opens under the daemon; stopped on exit.

@@ -11,8 +11,8 @@
 #                        else ../shared/glue); the model is .gpu/minilm if present, else minilm
 #   OUT                  if set (the device tool sets it), the grid's small files are copied there,
 #                        at most the 8 a device call brings back: results.jsonl, failures.jsonl,
-#                        results.md, report.md, benchmark_config.json, probe_cost.json and
-#                        runs.tar.gz (every run folder, weights left out); `sadra report` here
+#                        results.md, report.md, benchmark_config.json, probe_cost.json, share.json
+#                        and runs.tar.gz (every run folder, weights left out); `sadra report` here
 #                        redraws the figures
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +51,7 @@ print(f"gpu_grid: {sum(tuple(c) in done for c in grid)} of {len(grid)} cells hav
 EOF
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
-  for f in results.jsonl failures.jsonl results.md report.md benchmark_config.json probe_cost.json; do
+  for f in results.jsonl failures.jsonl results.md report.md benchmark_config.json probe_cost.json share.json; do
     [ -f "$GRID/$f" ] && cp "$GRID/$f" "$OUT/"
   done
   runs=$(cd "$GRID" && ls -d */ 2>/dev/null || true)

@@ -97,13 +97,19 @@ def unit_ratios(model, batch, device: torch.device, repeats: int) -> dict:
     return out
 
 
-def lora_step_seconds(model, batches, device: torch.device, steps: int) -> float:
+def lora_model(model):
+    """``model`` with LoRA r=8 on the matrices the grid adapts, in training mode."""
     from peft import LoraConfig, get_peft_model
 
     from sadra.models import find_targets
 
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=find_targets(model)))
     model.train()
+    return model
+
+
+def lora_step_seconds(model, batches, device: torch.device, steps: int) -> float:
+    model = lora_model(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     state = {"i": 0}
 

@@ -102,7 +102,9 @@ def test_gpu_probe_runs_on_cpu_at_toy_size(glue_dir, tmp_path):
 def test_gpu_grid_runs_on_cpu_at_smoke_size_and_resumes(glue_dir, tmp_path):
     grid, out = tmp_path / "grid", tmp_path / "out"  # out does not exist yet: the script makes it
     env = {"SADRA_GPU_GRID_SIZE": "smoke", "SADRA_GPU_GRID": str(grid), "SADRA_GLUE_DIR": str(glue_dir), "OUT": str(out),
-           "SADRA_GPU_WHEELS": ""}  # the wheels a lent machine needs are for its Python, not this one's
+           "SADRA_GPU_WHEELS": "",  # the wheels a lent machine needs are for its Python, not this one's
+           "SADRA_GPU_SHARE": "1",
+           "SADRA_GPU_SHARE_ARGS": "--device cpu --procs 2 --steps 2 --warmup 1 --batch-size 4 --max-length 16"}
     proc = run_script(["bash", "benchmarks/gpu_call.sh"], env, timeout=600)  # the device call, through gpu_grid.sh
     assert "gpu_call: " in proc.stdout and " peft " in proc.stdout, proc.stdout[-2000:]
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -114,7 +116,10 @@ def test_gpu_grid_runs_on_cpu_at_smoke_size_and_resumes(glue_dir, tmp_path):
     names = {p.name for p in out.iterdir()}  # at most the 8 files a device call brings back
     assert {"results.jsonl", "results.md", "report.md", "benchmark_config.json", "runs.tar.gz"} <= names
     assert names <= {"results.jsonl", "failures.jsonl", "results.md", "report.md", "benchmark_config.json",
-                     "probe_cost.json", "runs.tar.gz"}
+                     "probe_cost.json", "share.json", "runs.tar.gz"}
+    share = json.loads((out / "share.json").read_text())  # the sharing benchmark ran first, with no MPS on CPU
+    assert share["procs"] == 2 and share["alone"] > 0 and share["together"] > 0 and share["mps"] is None
+    assert share["mps_note"] == "device cpu" and share["together_over_alone"] == round(share["together"] / share["alone"], 3)
     import tarfile
 
     with tarfile.open(out / "runs.tar.gz") as tar:
