@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -46,6 +47,19 @@ def test_adalora_ranks_change_only_with_the_update_callback(tmp_path, glue_dir, 
     monkeypatch.setattr(train_mod, "_callbacks", without_update)
     frozen = adalora_final_ranks(tmp_path, glue_dir, "without")
     assert set(frozen.values()) == {12}  # silently plain LoRA at init_r
+
+
+def test_adalora_starts_again_instead_of_resuming_a_pruned_checkpoint(tmp_path, glue_dir):
+    """A killed AdaLoRA run's checkpoint holds pruned shapes and no importance scores: start over."""
+    settings = dict(TINY, glue_dir=str(glue_dir))
+    settings["train"] = dict(TINY["train"], learning_rate=1e-3, save_steps=2)
+    whole = train_mod.run_glue("sst2", "adalora", 0, tmp_path / "whole", settings, progress=False)
+    stale = tmp_path / "killed" / "checkpoints" / "checkpoint-10"
+    shutil.copytree(tmp_path / "whole" / "adapter", stale)  # ranks already pruned below init_r
+    (stale / "trainer_state.json").write_text(json.dumps({"global_step": 10, "max_steps": 12}))
+    again = train_mod.run_glue("sst2", "adalora", 0, tmp_path / "killed", settings, progress=False)
+    assert again["resumed_from"] is None
+    assert again["metrics"] == whole["metrics"] and again["optimizer_steps"] == whole["optimizer_steps"]
 
 
 def test_glue_metrics_agree_with_sklearn_and_scipy():

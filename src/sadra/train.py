@@ -12,7 +12,8 @@
                        (``model/`` with the whole model for full fine-tuning)
 * ``metrics.json``     final metrics and costs, written last: its presence means "finished"
 
-Interrupted runs resume from the last checkpoint in ``out_dir/checkpoints``.
+Interrupted runs resume from the last checkpoint in ``out_dir/checkpoints`` (AdaLoRA runs start again:
+its rank allocator's state is not checkpointed).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _set_threads(settings: Mapping[str, Any]) -> None:
 
 
 def _training_args(tr: Mapping[str, Any], out: Path, seed: int, device: torch.device, progress: bool,
-                   steps_per_epoch: int, total_steps: int, evaluate: bool):
+                   steps_per_epoch: int, total_steps: int, evaluate: bool, checkpoints: bool = True):
     from transformers import TrainingArguments
 
     per_epoch = tr["evals_per_epoch"] > 1
@@ -100,7 +101,7 @@ def _training_args(tr: Mapping[str, Any], out: Path, seed: int, device: torch.de
         logging_nan_inf_filter=False,
         eval_strategy=("steps" if per_epoch else "epoch") if evaluate and tr["evals_per_epoch"] else "no",
         eval_steps=max(1, steps_per_epoch // tr["evals_per_epoch"]) if per_epoch else None,
-        save_strategy="steps",
+        save_strategy="steps" if checkpoints else "no",
         save_steps=tr["save_steps"],
         save_total_limit=tr["save_total_limit"],
         seed=seed,
@@ -158,8 +159,10 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     return None
 
 
-def _fit(trainer, out: Path) -> tuple[float, str | None]:
-    last = last_complete_checkpoint(out / "checkpoints")
+def _fit(trainer, out: Path, resumable: bool = True) -> tuple[float, str | None]:
+    if not resumable:  # a killed run of this method starts again from step 0
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    last = last_complete_checkpoint(out / "checkpoints") if resumable else None
     resume = str(last) if last else None
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
@@ -452,8 +455,11 @@ def _train(ctx: RunContext, model, make_batches, train_ds, eval_arg, collator, c
     train_model = peft_model if peft_model is not None else model
     if ctx.info.get("uniform_allocation") and ctx.settings["uniform_twin"]:
         return None, train_model, timing  # the twin trained this very adapter: run_glue takes its results
+    # AdaLoRA cannot resume: its rank allocator's importance scores are not in a checkpoint, and once
+    # budgeting has pruned ranks PEFT saves the pruned shapes, which a fresh init_r model cannot load.
+    resumable = ctx.method != "adalora"
     args = _training_args(tr, ctx.out, ctx.seed, ctx.device, ctx.progress, steps_per_epoch, ctx.total_steps,
-                          evaluate=True)
+                          evaluate=True, checkpoints=resumable)
     AdaLoraUpdate, FiniteLoss = _callbacks()
     callbacks = [FiniteLoss()] + ([AdaLoraUpdate(peft_model)] if ctx.method == "adalora" else [])
     trainer = Trainer(model=train_model, args=args, train_dataset=train_ds, eval_dataset=eval_arg,
@@ -462,7 +468,7 @@ def _train(ctx: RunContext, model, make_batches, train_ds, eval_arg, collator, c
     if zero_shot is not None:
         ctx.info["zero_shot_metrics"] = _metric_values(trainer.evaluate(eval_dataset=zero_shot,
                                                                         metric_key_prefix="zeroshot"), "zeroshot")
-    timing["train"], ctx.info["resumed_from"] = _fit(trainer, ctx.out)
+    timing["train"], ctx.info["resumed_from"] = _fit(trainer, ctx.out, resumable)
     return trainer, train_model, timing
 
 
