@@ -8,6 +8,8 @@ compares). Paths are relative to the repository root. Rerun it whenever a result
   {{table FOLDER}}                      the results table of a benchmark folder (as in its results.md)
   {{mean FOLDER TASK METHOD METRIC}}    mean ± s.d. over seeds (x100; cross-entropy ``loss`` as is)
   {{diff FOLDER TASK METHOD METRIC [REF]}}  METHOD minus REF (default lora), paired by seed: mean [95% CI] (n)
+  {{bound FOLDER TASK METHOD METRIC high|low [REF]}}  one end of that paired 95% interval: the largest
+                                        gain (high) or loss (low) the seeds leave possible
   {{verdict FOLDER METHOD [REF]}}      METHOD against REF on every task, in words: better, worse, a tie or
                                         identical, by the paired 95% interval of the main metric
   {{seeds FOLDER TASK METHOD}}          how many seeds that cell has
@@ -86,6 +88,17 @@ def diff(root: Path, folder: str, task: str, method: str, metric: str, reference
     if stat is None:
         return "— (no seed in common)"
     return format_paired(stat, scale, digits)
+
+
+def bound(root: Path, folder: str, task: str, method: str, metric: str, end: str, reference: str = REFERENCE) -> str:
+    if end not in ("high", "low"):
+        raise ValueError(f"bound takes high or low, got {end!r}")
+    scale, digits = _scale(metric)
+    values, ref = _values(root, folder, task, method, metric), _values(root, folder, task, reference, metric)
+    stat = paired_stats(values, ref) if values and ref else None
+    if stat is None or stat["n"] < 2:
+        return "—"
+    return f"{stat['ci_' + end] * scale:+.{digits}f}"
 
 
 def verdict(root: Path, folder: str, method: str, reference: str = REFERENCE) -> str:
@@ -178,7 +191,7 @@ def choice(root: Path, folder: str, part: str) -> str:
     return parts[part](_choice(root, folder))
 
 
-FUNCTIONS = {"choice": choice, "table": table, "mean": mean, "diff": diff, "verdict": verdict, "seeds": seeds,
+FUNCTIONS = {"choice": choice, "table": table, "mean": mean, "diff": diff, "bound": bound, "verdict": verdict, "seeds": seeds,
              "cells": cells, "json": json_value, "figure": figure, "uniform": uniform}
 
 

@@ -116,6 +116,8 @@ def test_verdict_needs_holms_p_as_well_as_the_interval(tmp_path):
     assert render.render("{{verdict results/holm b}}", tmp_path) == \
         "MRPC F1: a tie after Holm's correction, +1.50 [+0.26, +2.74] p=0.07 (n=3)"
     assert render.render("{{verdict results/holm c}}", tmp_path) == "MRPC F1: a tie, +0.00 [-2.48, +2.48] p=1 (n=3)"
+    assert render.render("{{bound results/holm mrpc b f1 high}} / {{bound results/holm mrpc b f1 low}}", tmp_path) \
+        == "+2.74 / +0.26"
     write([lora, b])  # compared alone, b's p is its own
     assert render.render("{{verdict results/holm b}}", tmp_path) == "MRPC F1: better, +1.50 [+0.26, +2.74] p=0.035 (n=3)"
 
