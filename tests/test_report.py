@@ -70,6 +70,20 @@ def test_report_on_a_folder_that_is_not_a_benchmark(tmp_path):
     assert_one_line_error(run_cli("report", tmp_path), "results.jsonl")
 
 
+def test_report_header_lists_every_part_of_a_folder_filled_in_parts(tmp_path):
+    """Real evidence-grid records; the folder's config is the last part's (two tasks, seed 0)."""
+    from pathlib import Path
+
+    from sadra.report import write_report
+
+    source = Path(__file__).resolve().parents[1] / "results" / "evidence"
+    shutil.copy(source / "results.jsonl", tmp_path / "results.jsonl")
+    config = json.loads((source / "benchmark_config.json").read_text())
+    (tmp_path / "benchmark_config.json").write_text(json.dumps({**config, "tasks": ["sst2", "mrpc"], "seeds": [0]}))
+    header = write_report(tmp_path).read_text().splitlines()[2]
+    assert "tasks sst2, mrpc, qnli;" in header and "seeds 0, 1, 2, 3, 4;" in header
+
+
 def test_budget_figure_draws_each_arm_run_at_several_budgets(tmp_path):
     """Real selection-study records; an arm named NAME-r2 is NAME at uniform r=2's budget."""
     from pathlib import Path

@@ -397,72 +397,64 @@ def _missing(folder: Path, records: list[dict]) -> list[str]:
 
 def write_report(folder: str | Path) -> Path:
     """Write the figures and ``report.md`` into ``folder``; returns the report's path."""
-    from .errors import DataError
-    from .results import grid_methods, results_table
+    from .results import results_table
 
     folder = Path(folder)
+    records, config, methods, tasks = _load_grid(folder)
+    figures = _draw_figures(folder, records, methods, tasks)
+    sections = ["# Benchmark report", ""]
+    if config:
+        # A folder filled in parts (one task set or seed at a time) lists what all of them asked for.
+        seeds = sorted({int(r["seed"]) for r in records} | set(config.get("seeds") or []))
+        sections += [f"Preset `{config.get('name')}`: tasks {', '.join(tasks)}; "
+                     f"methods {', '.join(config.get('methods', []))}; seeds {', '.join(map(str, seeds))}; "
+                     f"model `{config.get('model')}`, max length {config.get('max_length')}.", ""]
+    sections += ["## Results", "", results_table(records, methods, read_jsonl(folder / "failures.jsonl"))]
+    sections += ["## Missing runs", "", *(_missing(folder, records) or ["None: every cell of the grid has a result."]), ""]
+    sections += ["## Figures", ""]
+    for title, path in figures:
+        sections += [f"### {title}", "", f"![{title}]({path.name})", ""]
+    if not figures:
+        sections.append("No figures: no run has finished yet.")
+    report = folder / "report.md"
+    atomic_write_text(report, "\n".join(sections) + "\n")
+    return report
+
+
+def _load_grid(folder: Path) -> tuple[list[dict], dict, list[str], list[str]]:
+    """A benchmark folder's records (checked before any figure is written), config, methods and tasks."""
+    from .errors import DataError
+    from .results import check_records, grid_methods
+
     if not folder.is_dir():
         raise DataError(f"benchmark folder {str(folder)!r} does not exist; pass the --out folder of 'sadra benchmark'")
     records = read_jsonl(folder / "results.jsonl")
-    from .results import check_records
-
-    check_records(records, str(folder / "results.jsonl"))  # before any figure is written
+    check_records(records, str(folder / "results.jsonl"))
     if not records and not (folder / "benchmark_config.json").exists():
         raise DataError(f"{str(folder)!r} holds no results.jsonl or benchmark_config.json; pass the --out folder of 'sadra benchmark'")
     config = _load_json(folder / "benchmark_config.json") or {}
     methods = grid_methods({"methods": METHODS, **config}) or list(METHODS)
     methods += sorted({r["method"] for r in records} - set(methods))
     tasks = list(dict.fromkeys(list(config.get("tasks", [])) + [r["task"] for r in records]))
+    return records, config, methods, tasks
+
+
+def _draw_figures(folder: Path, records: list[dict], methods: list[str], tasks: list[str]) -> list[tuple[str, Path]]:
+    """Every figure the records allow, as (title, path)."""
     seeds: dict[tuple[str, str], list[int]] = defaultdict(list)
     for r in records:
         seeds[(r["task"], r["method"])].append(int(r["seed"]))
-
-    sections = ["# Benchmark report", ""]
-    if config:
-        sections.append(f"Preset `{config.get('name')}`: tasks {', '.join(config.get('tasks', []))}; "
-                        f"methods {', '.join(config.get('methods', []))}; seeds {config.get('seeds')}; "
-                        f"model `{config.get('model')}`, max length {config.get('max_length')}.")
-        sections.append("")
-    figures = []
-    metrics_png = _metrics_plot(records, methods, folder / "metrics.png")
-    if metrics_png:
-        figures.append(("Main metric per task and method", metrics_png))
-    forest_png = _forest_plot(records, methods, folder / "forest.png")
-    if forest_png:
-        figures.append(("Paired difference to LoRA per task (95% CI)", forest_png))
-    budget_png = _budget_plot(records, folder / "budget.png")
-    if budget_png:
-        figures.append(("Main metric against the parameter budget", budget_png))
+    drawn = [("Main metric per task and method", _metrics_plot(records, methods, folder / "metrics.png")),
+             ("Paired difference to LoRA per task (95% CI)", _forest_plot(records, methods, folder / "forest.png")),
+             ("Main metric against the parameter budget", _budget_plot(records, folder / "budget.png"))]
     for task in tasks:
         per_method = {m: sorted(seeds.get((task, m), [])) for m in methods}
-        loss = _loss_curves(folder, task, methods, per_method, folder / f"loss_{task}.png")
-        if loss:
-            figures.append((f"{task}: training loss", loss))
+        drawn.append((f"{task}: training loss",
+                      _loss_curves(folder, task, methods, per_method, folder / f"loss_{task}.png")))
         first_seed = min((s for (t, _), ss in seeds.items() if t == task for s in ss), default=None)
         if first_seed is not None:
-            ranks = _rank_heatmaps(folder, task, methods, first_seed, folder / f"ranks_{task}.png")
-            if ranks:
-                figures.append((f"{task}: rank distribution", ranks))
-            sens = _sensitivity(folder, task, methods, first_seed, folder / f"sensitivity_{task}.png")
-            if sens:
-                figures.append((f"{task}: per-module sensitivity", sens))
-    sections.append("## Results")
-    sections.append("")
-    sections.append(results_table(records, methods, read_jsonl(folder / "failures.jsonl")))
-    missing = _missing(folder, records)
-    sections.append("## Missing runs")
-    sections.append("")
-    sections.extend(missing or ["None: every cell of the grid has a result."])
-    sections.append("")
-    sections.append("## Figures")
-    sections.append("")
-    for title, path in figures:
-        sections.append(f"### {title}")
-        sections.append("")
-        sections.append(f"![{title}]({path.name})")
-        sections.append("")
-    if not figures:
-        sections.append("No figures: no run has finished yet.")
-    report = folder / "report.md"
-    atomic_write_text(report, "\n".join(sections) + "\n")
-    return report
+            drawn.append((f"{task}: rank distribution",
+                          _rank_heatmaps(folder, task, methods, first_seed, folder / f"ranks_{task}.png")))
+            drawn.append((f"{task}: per-module sensitivity",
+                          _sensitivity(folder, task, methods, first_seed, folder / f"sensitivity_{task}.png")))
+    return [(title, path) for title, path in drawn if path]
