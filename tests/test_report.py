@@ -88,7 +88,7 @@ def test_budget_figure_draws_each_arm_run_at_several_budgets(tmp_path):
     """Real selection-study records; an arm named NAME-r2 is NAME at uniform r=2's budget."""
     from pathlib import Path
 
-    from sadra.report import _budget_plot, budget_family
+    from sadra.report import _budget_plot, _budget_points, budget_family
 
     assert [budget_family(m) for m in ("sadra-r2", "lora-r16", "prop-hutchinson-r2", "lora", "lora-ga")] == \
         ["sadra", "lora", "prop-hutchinson", "lora", "lora-ga"]
@@ -99,6 +99,11 @@ def test_budget_figure_draws_each_arm_run_at_several_budgets(tmp_path):
     at_r2 = [r for r in records if r["method"].endswith("-r2")]  # phase 4: lora, prop-hutchinson, random
     assert {r["lora_budget"] for r in at_r2} == {min(r["lora_budget"] for r in at_r8) // 4}
     assert_valid_png(_budget_plot(at_r8 + at_r2, tmp_path / "budget.png"))
+    # A budget run on more seeds than another is drawn over the seeds both have.
+    lora8 = {r["seed"]: 100 * r["metrics"]["f1"] for r in at_r8 if (r["task"], r["method"]) == ("mrpc", "lora")}
+    lora2 = [r for r in at_r2 if (r["task"], r["method"], r["seed"]) == ("mrpc", "lora-r2", 1)]
+    points, n = _budget_points([r for r in at_r8 if r["method"] == "lora"] + lora2)[("mrpc", "lora")]
+    assert n == 1 and points[float(lora2[0]["lora_budget"] * 4)] == [lora8[1]] and len(lora8) == 3
 
 
 def test_arms_outside_the_palette_get_distinct_line_colours():

@@ -339,41 +339,61 @@ def budget_family(method: str) -> str:
 
 
 def _budget_plot(records: list[dict], out: Path) -> Path | None:
-    """Main metric (mean ± s.d. over seeds) against adapter parameters, per task and arm family."""
+    """Main metric (mean ± s.d.) against adapter parameters, per task and arm family, over the seeds
+    the family has at every budget: a budget with more seeds would otherwise bend the curve by its
+    extra seeds alone."""
     from .data import get_task
 
-    points: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        metric = get_task(r["task"]).main_metric if r["task"] != "causal-lm" else None
-        if metric in r.get("metrics", {}) and r.get("adapter_params"):
-            budget = float(r.get("lora_budget") or r["adapter_params"])
-            points[(r["task"], budget_family(r["method"]))][budget].append(100 * r["metrics"][metric])
-    swept = {k: v for k, v in points.items() if len(v) >= 2}
+    swept = _budget_points(records)
     tasks = list(dict.fromkeys(t for t, _ in swept))
     if not tasks:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(5.6, 4.6 * len(tasks)), 4.0), squeeze=False)
     colors = line_colors([family for _, family in swept])
     for ax, task in zip(axes[0], tasks):
-        for (t, family), by_budget in swept.items():
+        budgets = set()
+        for (t, family), (by_budget, n) in swept.items():
             if t != task:
                 continue
             xs = sorted(by_budget)
-            means = [np.mean(by_budget[x]) for x in xs]
-            errs = [np.std(by_budget[x], ddof=1) if len(by_budget[x]) > 1 else 0.0 for x in xs]
-            ax.errorbar(xs, means, yerr=errs, fmt="o-", capsize=3, color=colors[family], label=family)
+            budgets.update(xs)
+            errs = [np.std(by_budget[x], ddof=1) if n > 1 else 0.0 for x in xs]
+            ax.errorbar(xs, [np.mean(by_budget[x]) for x in xs], yerr=errs, fmt="o-", capsize=3,
+                        color=colors[family], label=f"{family} (n={n})")
         ax.set_xscale("log")
+        ax.set_xticks(sorted(budgets), [f"{x / 1000:,.0f}k" for x in sorted(budgets)])
+        ax.minorticks_off()
         ax.set_xlabel("adapter parameters (the budget of uniform LoRA r)")
         ax.set_ylabel(f"{get_task(task).main_metric} ×100")
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Main metric against the parameter budget: mean ± s.d. over seeds", fontsize=10)
+    fig.suptitle("Main metric against the parameter budget\n(mean ± s.d. over the seeds run at every budget)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _budget_points(records: list[dict]) -> dict[tuple[str, str], tuple[dict[float, list[float]], int]]:
+    """(task, family) -> ({budget: main metric x100 per common seed}, number of common seeds), for
+    families run at two budgets or more."""
+    from .data import get_task
+
+    by_seed: dict[tuple[str, str], dict[float, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        metric = get_task(r["task"]).main_metric if r["task"] != "causal-lm" else None
+        if metric in r.get("metrics", {}) and r.get("adapter_params"):
+            budget = float(r.get("lora_budget") or r["adapter_params"])
+            by_seed[(r["task"], budget_family(r["method"]))][budget][int(r["seed"])] = 100 * r["metrics"][metric]
+    swept = {}
+    for key, budgets in by_seed.items():
+        common = set.intersection(*(set(v) for v in budgets.values()))
+        if len(budgets) >= 2 and common:
+            swept[key] = ({b: [v[s] for s in sorted(common)] for b, v in budgets.items()}, len(common))
+    return swept
 
 
 def _missing(folder: Path, records: list[dict]) -> list[str]:
