@@ -10,6 +10,16 @@ from pathlib import Path
 import pytest
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def pytest_configure(config):
+    # A suite stopped by `timeout` (SIGTERM) unwinds like Ctrl-C, so the fixtures' finally blocks kill
+    # the process groups the tests started instead of leaving a benchmark running on its own.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def glue_dir_setting() -> Path:
     value = os.environ.get("SADRA_GLUE_DIR")
     if not value:

@@ -53,7 +53,6 @@ def test_a_cell_past_its_time_limit_is_killed_recorded_and_retried_once(tmp_path
     assert not keys(lines(out / "failures.jsonl")) & keys(lines(out / "results.jsonl"))
 
 
-@pytest.mark.timeout(1200)
 def _children(pid):
     proc = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return [int(x) for x in proc.stdout.split()]
@@ -95,6 +94,42 @@ def test_workers_run_cells_at_once_each_recorded_once_and_a_killed_cell_runs_aga
     assert sorted(keys) == sorted(("mrpc", m, 0) for m in methods)  # each cell exactly once
     assert (failed[0]["method"], failed[0]["seed"]) in {(m, s) for _, m, s in keys}
     assert lines(out / "failures.jsonl") == []  # the retried cell's failure is forgotten
+
+
+def _alive(pid):
+    try:  # a zombie has finished; in a container nothing may reap it
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+@pytest.mark.timeout(600)
+def test_a_cell_ends_when_its_benchmark_is_killed_alone(tmp_path, glue_dir):
+    out = tmp_path / "k"
+    cmd = [sys.executable, "-m", "sadra", "benchmark", "--preset", "smoke", "--tasks", "mrpc", "--methods", "lora",
+           "--out", str(out), "--quiet", *TINY, "train.epochs=200",  # far longer than the test waits
+           "train.logging_steps=100000", "train.evals_per_epoch=0"]  # silent: no write to a closed pipe ends it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=dict(os.environ, SADRA_GLUE_DIR=str(glue_dir)))
+    try:
+        deadline = time.time() + 300
+        while not (kids := _children(proc.pid)) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert kids, "the benchmark started no cell process"
+        time.sleep(3)  # the cell is past its start-up
+        os.kill(proc.pid, signal.SIGKILL)  # the benchmark alone, not its process group
+        proc.wait()
+        deadline = time.time() + 30
+        while _alive(kids[0]) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(kids[0]), "the cell kept training after its benchmark died"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def test_rerun_with_other_settings_refuses_unless_a_new_series(tmp_path, glue_dir):

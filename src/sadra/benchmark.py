@@ -16,6 +16,8 @@ the shared files are written under one lock, and a record is appended only once 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -337,15 +339,37 @@ def _uniform_twin(cell: _Cell, out: Path) -> Path | None:
     return None
 
 
+# Set in a cell process's environment: the benchmark that started it (see end_with_benchmark).
+PARENT_ENV = "SADRA_BENCHMARK_PID"
+
+
+def end_with_benchmark() -> None:
+    """Called first in a cell process: on Linux the kernel kills it when its benchmark dies.
+
+    A benchmark killed on its own (not with its process group) would otherwise leave the cell
+    training unsupervised, and a rerun would start the same cell again into the same folder.
+    """
+    parent = os.environ.pop(PARENT_ENV, None)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != int(parent):  # the benchmark died before the kernel was told
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _run_with_limit(cmd: list[str], limit: float, log_path: Path, echo: bool = True) -> tuple[int | None, str]:
     """Run ``cmd``, echoing its output and keeping it in ``log_path``; kill it past ``limit`` seconds.
 
     Returns (exit code or None if killed, its last error line). The child stays in this process
-    group, so a kill of the benchmark also ends it.
+    group, so a kill of the group ends it, and it ends with this process (:func:`end_with_benchmark`).
     """
     tail: deque[str] = deque(maxlen=40)
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                env={**os.environ, PARENT_ENV: str(os.getpid())})
 
         def pump():
             for line in proc.stdout:

@@ -295,7 +295,10 @@ def _task_method(args) -> tuple[str, str]:
 
 
 def cmd_train(args) -> int:
+    from .benchmark import end_with_benchmark
     from .train import run_causal_lm, run_glue
+
+    end_with_benchmark()
 
     task, method = _task_method(args)
     if (task == "causal-lm") != bool(args.text_file):
