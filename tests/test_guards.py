@@ -105,7 +105,7 @@ def _alive(pid):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
 @pytest.mark.timeout(600)
-def test_a_cell_ends_when_its_benchmark_is_killed_alone(tmp_path, glue_dir):
+def test_a_second_benchmark_on_the_folder_is_refused_and_a_cell_ends_with_its_benchmark(tmp_path, glue_dir):
     out = tmp_path / "k"
     cmd = [sys.executable, "-m", "sadra", "benchmark", "--preset", "smoke", "--tasks", "mrpc", "--methods", "lora",
            "--out", str(out), "--quiet", *TINY, "train.epochs=200",  # far longer than the test waits
@@ -117,6 +117,10 @@ def test_a_cell_ends_when_its_benchmark_is_killed_alone(tmp_path, glue_dir):
         while not (kids := _children(proc.pid)) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert kids, "the benchmark started no cell process"
+        config = (out / "benchmark_config.json").read_text()
+        second = run_cli(*cmd[3:], env={"SADRA_GLUE_DIR": str(glue_dir)}, timeout=300)
+        assert_one_line_error(second, "another sadra benchmark", f"pid {proc.pid}", "--out")
+        assert (out / "benchmark_config.json").read_text() == config
         time.sleep(3)  # the cell is past its start-up
         os.kill(proc.pid, signal.SIGKILL)  # the benchmark alone, not its process group
         proc.wait()

@@ -92,35 +92,67 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = Tru
     distributed = maybe_init_distributed()
     main = is_main_process()
     out = ensure_dir(out, "benchmark output folder")
-    cells = [_Cell(cfg, out, t, m, s) for t, m, s in cfg.cells()]
-    done = _check_same_settings(cells, out)
-    if main:
-        _write_grid(out, cfg, cells)
-    commit = git_commit()
-    if workers > 1 and not distributed:
-        _run_workers([c for c in cells if c.key not in done and _should_run(c, out, retry_failed)], cfg, out,
-                     workers, commit, done)
-    else:
-        bar = tqdm(cells, desc="benchmark", unit="run", disable=not (progress and main))
-        for cell in bar:
-            bar.set_postfix_str(cell.name)
-            if cell.key in done or not _should_run(cell, out, retry_failed):
-                continue
-            record = _run_in_process(cell, cfg, progress and main) if distributed else _run_cell(cell, cfg, out, progress)
-            if record is not None:
-                _record(cell, record, cfg, out, commit, done, write=main)
-    records = read_jsonl(out / "results.jsonl")
-    if main:
-        _write_outputs(out, records, cfg, report)
+    lock = _lock_folder(out) if main else None
+    try:
+        cells = [_Cell(cfg, out, t, m, s) for t, m, s in cfg.cells()]
+        done = _check_same_settings(cells, out)
+        if main:
+            _write_grid(out, cfg, cells)
+        commit = git_commit()
+        if workers > 1 and not distributed:
+            _run_workers([c for c in cells if c.key not in done and _should_run(c, out, retry_failed)], cfg, out,
+                         workers, commit, done)
+        else:
+            bar = tqdm(cells, desc="benchmark", unit="run", disable=not (progress and main))
+            for cell in bar:
+                bar.set_postfix_str(cell.name)
+                if cell.key in done or not _should_run(cell, out, retry_failed):
+                    continue
+                record = _run_in_process(cell, cfg, progress and main) if distributed else _run_cell(cell, cfg, out, progress)
+                if record is not None:
+                    _record(cell, record, cfg, out, commit, done, write=main)
+        records = read_jsonl(out / "results.jsonl")
+        if main:
+            _write_outputs(out, records, cfg, report)
+    finally:
+        if lock is not None:
+            lock.close()
     return records
 
 
-def _write_grid(out: Path, cfg: BenchmarkConfig, cells: list[_Cell]) -> None:
-    from .results import grid_methods
+LOCK_FILE = ".benchmark.lock"
 
+
+def _lock_folder(out: Path):
+    """An exclusive lock on the grid folder while this benchmark runs, released by the OS however it
+    ends; a second benchmark on the folder stops with an error instead of training the same cells
+    into the same run folders. None where the OS has no ``flock``."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    handle = open(out / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise ConfigError(f"another sadra benchmark{f' (pid {holder})' if holder else ''} is running on "
+                          f"{str(out)!r}; wait for it to finish, or pass another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _write_grid(out: Path, cfg: BenchmarkConfig, cells: list[_Cell]) -> None:
     """``benchmark_config.json``: this invocation's settings, and under ``cells`` and ``methods`` every
     cell and method asked of the folder so far (runs in phases, e.g. ``--methods`` or ``--seeds``
     subsets, add up)."""
+    from .results import grid_methods
+
     path = out / "benchmark_config.json"
     try:
         earlier = read_json(path).get("cells", []) if path.exists() else []
