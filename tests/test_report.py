@@ -88,7 +88,7 @@ def test_budget_figure_draws_each_arm_run_at_several_budgets(tmp_path):
     """Real selection-study records; an arm named NAME-r2 is NAME at uniform r=2's budget."""
     from pathlib import Path
 
-    from sadra.report import _budget_plot, _budget_points, budget_family
+    from sadra.report import _budget_labels, _budget_plot, _budget_points, budget_family
 
     assert [budget_family(m) for m in ("sadra-r2", "lora-r16", "prop-hutchinson-r2", "lora", "lora-ga")] == \
         ["sadra", "lora", "prop-hutchinson", "lora", "lora-ga"]
@@ -104,6 +104,12 @@ def test_budget_figure_draws_each_arm_run_at_several_budgets(tmp_path):
     lora2 = [r for r in at_r2 if (r["task"], r["method"], r["seed"]) == ("mrpc", "lora-r2", 1)]
     points, n = _budget_points([r for r in at_r8 if r["method"] == "lora"] + lora2)[("mrpc", "lora")]
     assert n == 1 and points[float(lora2[0]["lora_budget"] * 4)] == [lora8[1]] and len(lora8) == 3
+    # An arm whose points all equal lora's (an allocation that came out uniform) says so.
+    twin = [{**r, "method": r["method"].replace("lora", "spectral")} for r in at_r8 + at_r2
+            if r["method"] in ("lora", "lora-r2")]
+    labels = _budget_labels(_budget_points(at_r8 + at_r2 + twin))
+    assert labels[("mrpc", "spectral")] == "spectral (n=3, same as lora)"
+    assert labels[("mrpc", "lora")] == "lora (n=3)" and labels[("mrpc", "random")] == "random (n=3)"
 
 
 def test_arms_outside_the_palette_get_distinct_line_colours():

@@ -351,6 +351,7 @@ def _budget_plot(records: list[dict], out: Path) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(5.6, 4.6 * len(tasks)), 4.0), squeeze=False)
     colors = line_colors([family for _, family in swept])
+    labels = _budget_labels(swept)
     for ax, task in zip(axes[0], tasks):
         budgets = set()
         for (t, family), (by_budget, n) in swept.items():
@@ -359,8 +360,9 @@ def _budget_plot(records: list[dict], out: Path) -> Path | None:
             xs = sorted(by_budget)
             budgets.update(xs)
             errs = [np.std(by_budget[x], ddof=1) if n > 1 else 0.0 for x in xs]
-            ax.errorbar(xs, [np.mean(by_budget[x]) for x in xs], yerr=errs, fmt="o-", capsize=3,
-                        color=colors[family], label=f"{family} (n={n})")
+            same = "same as" in labels[(t, family)]  # dashed, so the line it lies on shows through
+            ax.errorbar(xs, [np.mean(by_budget[x]) for x in xs], yerr=errs, fmt="o--" if same else "o-", capsize=3,
+                        color=colors[family], label=labels[(t, family)], mfc="none" if same else None)
         ax.set_xscale("log")
         ax.set_xticks(sorted(budgets), [f"{x / 1000:,.0f}k" for x in sorted(budgets)])
         ax.minorticks_off()
@@ -375,6 +377,17 @@ def _budget_plot(records: list[dict], out: Path) -> Path | None:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _budget_labels(swept: dict) -> dict[tuple[str, str], str]:
+    """Legend labels; an arm whose every point equals an earlier arm's says so (its line hides under
+    that one's: e.g. an allocation that came out uniform takes LoRA's results)."""
+    labels, seen = {}, {}
+    for (task, family), (by_budget, n) in swept.items():
+        points = (task, tuple(sorted((b, tuple(v)) for b, v in by_budget.items())))
+        labels[(task, family)] = f"{family} (n={n}" + (f", same as {seen[points]})" if points in seen else ")")
+        seen.setdefault(points, family)
+    return labels
 
 
 def _budget_points(records: list[dict]) -> dict[tuple[str, str], tuple[dict[float, list[float]], int]]:
