@@ -94,8 +94,7 @@ def bound(root: Path, folder: str, task: str, method: str, metric: str, end: str
     if end not in ("high", "low"):
         raise ValueError(f"bound takes high or low, got {end!r}")
     scale, digits = _scale(metric)
-    values, ref = _values(root, folder, task, method, metric), _values(root, folder, task, reference, metric)
-    stat = paired_stats(values, ref) if values and ref else None
+    stat, _ = _paired(_records(root, folder), root, folder, task, method, metric, reference)
     if stat is None or stat["n"] < 2:
         return "—"
     return f"{stat['ci_' + end] * scale:+.{digits}f}"
