@@ -351,7 +351,8 @@ def _budget_plot(records: list[dict], out: Path) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(5.6, 4.6 * len(tasks)), 4.0), squeeze=False)
     colors = line_colors([family for _, family in swept])
-    labels = _budget_labels(swept)
+    twins = _budget_twins(swept)
+    labels = _budget_labels(swept, twins)
     for ax, task in zip(axes[0], tasks):
         budgets = set()
         for (t, family), (by_budget, n) in swept.items():
@@ -360,7 +361,7 @@ def _budget_plot(records: list[dict], out: Path) -> Path | None:
             xs = sorted(by_budget)
             budgets.update(xs)
             errs = [np.std(by_budget[x], ddof=1) if n > 1 else 0.0 for x in xs]
-            same = "same as" in labels[(t, family)]  # dashed, so the line it lies on shows through
+            same = twins[(t, family)] is not None  # dashed, so the line it lies on shows through
             ax.errorbar(xs, [np.mean(by_budget[x]) for x in xs], yerr=errs, fmt="o--" if same else "o-", capsize=3,
                         color=colors[family], label=labels[(t, family)], mfc="none" if same else None)
         ax.set_xscale("log")
@@ -379,15 +380,22 @@ def _budget_plot(records: list[dict], out: Path) -> Path | None:
     return out
 
 
-def _budget_labels(swept: dict) -> dict[tuple[str, str], str]:
-    """Legend labels; an arm whose every point equals an earlier arm's says so (its line hides under
-    that one's: e.g. an allocation that came out uniform takes LoRA's results)."""
-    labels, seen = {}, {}
-    for (task, family), (by_budget, n) in swept.items():
+def _budget_twins(swept: dict) -> dict[tuple[str, str], str | None]:
+    """For each arm, the earlier arm of its task whose every point it equals (its line hides under that
+    one's: e.g. an allocation that came out uniform takes LoRA's results), else None."""
+    twins, seen = {}, {}
+    for (task, family), (by_budget, _) in swept.items():
         points = (task, tuple(sorted((b, tuple(v)) for b, v in by_budget.items())))
-        labels[(task, family)] = f"{family} (n={n}" + (f", same as {seen[points]})" if points in seen else ")")
+        twins[(task, family)] = seen.get(points)
         seen.setdefault(points, family)
-    return labels
+    return twins
+
+
+def _budget_labels(swept: dict, twins: dict | None = None) -> dict[tuple[str, str], str]:
+    """Legend labels: the arm, its seeds, and the arm it equals if any."""
+    twins = _budget_twins(swept) if twins is None else twins
+    return {(task, family): f"{family} (n={n}" + (f", same as {twins[(task, family)]})" if twins[(task, family)] else ")")
+            for (task, family), (_, n) in swept.items()}
 
 
 def _budget_points(records: list[dict]) -> dict[tuple[str, str], tuple[dict[float, list[float]], int]]:
