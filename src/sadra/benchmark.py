@@ -15,6 +15,7 @@ the shared files are written under one lock, and a record is appended only once 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import yaml
 
@@ -92,8 +93,7 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = Tru
     distributed = maybe_init_distributed()
     main = is_main_process()
     out = ensure_dir(out, "benchmark output folder")
-    lock = _lock_folder(out) if main else None
-    try:
+    with _lock_folder(out) if main else contextlib.nullcontext():
         cells = [_Cell(cfg, out, t, m, s) for t, m, s in cfg.cells()]
         done = _check_same_settings(cells, out)
         if main:
@@ -114,23 +114,21 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, *, progress: bool = Tru
         records = read_jsonl(out / "results.jsonl")
         if main:
             _write_outputs(out, records, cfg, report)
-    finally:
-        if lock is not None:
-            lock.close()
     return records
 
 
 LOCK_FILE = ".benchmark.lock"
 
 
-def _lock_folder(out: Path):
-    """An exclusive lock on the grid folder while this benchmark runs, released by the OS however it
-    ends; a second benchmark on the folder stops with an error instead of training the same cells
-    into the same run folders. None where the OS has no ``flock``."""
+def _lock_folder(out: Path) -> ContextManager:
+    """An exclusive lock on the grid folder while this benchmark runs (its open lock file, to use in a
+    ``with``), released by the OS however it ends; a second benchmark on the folder stops with an
+    error instead of training the same cells into the same run folders. No lock where the OS has no
+    ``flock``."""
     try:
         import fcntl
     except ImportError:
-        return None
+        return contextlib.nullcontext()
     handle = open(out / LOCK_FILE, "a+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
