@@ -16,7 +16,8 @@ while sleep 60; do
   n=$(count)
   [ "$n" = "$last" ] && continue
   sleep 20   # the benchmark writes the cell's other files just after its record
-  new=$(tail -n "$((n - last))" "$FOLDER/results.jsonl" | python3 -c '
+  # By line number, not tail: more records may have landed during the sleep; the next round names them.
+  new=$(sed -n "$((last + 1)),${n}p" "$FOLDER/results.jsonl" | python3 -c '
 import json, sys
 rows = [json.loads(line) for line in sys.stdin if line.strip()]
 print(", ".join("%s seed %s %s (%s %.2f)" % (r["task"], r["seed"], r["method"], r["main_metric"],

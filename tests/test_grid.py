@@ -90,6 +90,21 @@ def test_grid_file_adds_up_the_cells_of_each_invocation(tmp_path):
     assert len(missing) == 3 and "- mrpc / eva / seed 0: not started" in missing
 
 
+def test_grid_file_lists_methods_in_the_config_order_whatever_order_the_phases_ran_in(tmp_path):
+    """A preset run as --methods phases (its default last) gets the columns a single run would give."""
+    from sadra.benchmark import _Cell, _write_grid
+    from sadra.results import grid_methods
+
+    data = {"name": "g", "tasks": ["mrpc"], "methods": ["lora", "sadra", "random", "eva"], "seeds": [0]}
+    for phase in (["eva", "lora"], ["random"], ["sadra"]):
+        cfg = BenchmarkConfig(data)
+        cfg.apply(["methods=" + ",".join(phase)])
+        _write_grid(tmp_path, cfg, [_Cell(cfg, tmp_path, *c) for c in cfg.cells()])
+    grid = json.loads((tmp_path / "benchmark_config.json").read_text())
+    assert [c[1] for c in grid["cells"]] == ["eva", "lora", "random", "sadra"]
+    assert grid["methods"] == grid_methods(grid) == ["lora", "sadra", "random", "eva"]
+
+
 def test_workers_auto_is_the_cores_over_each_cells_threads(monkeypatch):
     import os
 

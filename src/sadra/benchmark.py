@@ -148,18 +148,22 @@ def _lock_folder(out: Path) -> ContextManager:
 def _write_grid(out: Path, cfg: BenchmarkConfig, cells: list[_Cell]) -> None:
     """``benchmark_config.json``: this invocation's settings, and under ``cells`` and ``methods`` every
     cell and method asked of the folder so far (runs in phases, e.g. ``--methods`` or ``--seeds``
-    subsets, add up)."""
+    subsets, add up). ``methods`` follows the config file's order (``listed_methods``), then the
+    order first asked, so a grid run in phases gets the columns of one run in one go."""
     from .results import grid_methods
 
     path = out / "benchmark_config.json"
     try:
-        earlier = read_json(path).get("cells", []) if path.exists() else []
-    except (SadraError, AttributeError):  # unreadable: start the list again from this grid
-        earlier = []
-    asked = [list(c) for c in earlier if isinstance(c, list) and len(c) == 3]
+        earlier = read_json(path) if path.exists() else {}
+        earlier_cells, earlier_methods = list(earlier.get("cells", [])), list(earlier.get("methods", []))
+    except (SadraError, AttributeError, TypeError):  # unreadable: start the lists again from this grid
+        earlier_cells, earlier_methods = [], []
+    asked = [list(c) for c in earlier_cells if isinstance(c, list) and len(c) == 3]
     asked += [list(c.key) for c in cells if list(c.key) not in asked]
-    write_json(path, {**cfg.to_dict(), "methods": grid_methods({"cells": asked, "methods": cfg.methods}),
-                      "cells": asked})
+    known = grid_methods({"cells": asked, "methods": [m for m in earlier_methods if isinstance(m, str)] + cfg.methods})
+    listed = cfg.listed_methods
+    methods = sorted(known, key=lambda m: (listed.index(m), 0) if m in listed else (len(listed), known.index(m)))
+    write_json(path, {**cfg.to_dict(), "methods": methods, "cells": asked})
 
 
 # One lock for the grid's shared files (results.jsonl, failures.jsonl) when workers run cells at once.
@@ -182,18 +186,15 @@ def _record(cell: _Cell, record: dict[str, Any], cfg: BenchmarkConfig, out: Path
 
 class _Claims:
     """The cells left for the workers, each claimed once. An allocated cell is claimed after the
-    uniform-LoRA cells it could take results from (same task, seed and training settings; see
-    ``uniform_twin``) have finished, unless nothing else is left to start."""
+    ``lora`` cells it could take results from (:func:`_twin_key`) have finished, unless nothing else
+    is left to start."""
 
     def __init__(self, cells: list[_Cell]):
-        from .config import ALLOCATED_METHODS
-
         self._pending, self._lock = list(cells), threading.Lock()
         self._unfinished = {c.key for c in cells}
-        trained = {c.key: (c.task, c.seed, training_hash(c.settings)) for c in cells}
+        twin = {c.key: _twin_key(c.task, c.seed, c.settings) for c in cells}
         loras = [c.key for c in cells if c.base_method == "lora"]
-        self._waits_for = {c.key: {t for t in loras if trained[t] == trained[c.key]}
-                           for c in cells if c.base_method in ALLOCATED_METHODS and not c.settings["uniform_twin"]}
+        self._waits_for = {c.key: {t for t in loras if twin[t] == twin[c.key]} for c in cells if _may_take_twin(c)}
 
     def claim(self) -> _Cell | None:
         with self._lock:
@@ -347,15 +348,27 @@ def _run_cell(cell: _Cell, cfg: BenchmarkConfig, out: Path, progress: bool, echo
     return None
 
 
-def _uniform_twin(cell: _Cell, out: Path) -> Path | None:
-    """The folder of a finished uniform-LoRA cell of the same task and seed that trained with this
-    allocated cell's settings. If the cell's allocation comes out uniform, it takes that cell's
-    results instead of training the same adapter twice (``uniform_twin``)."""
-    from .config import ALLOCATED_METHODS, RUN_DEFAULTS, merge_run
+def _may_take_twin(cell: _Cell) -> bool:
+    """An allocated cell not told its twin: where its allocation comes out uniform it may take a
+    finished uniform-LoRA cell's results instead of training the same adapter twice (``uniform_twin``)."""
+    from .config import ALLOCATED_METHODS
 
-    if cell.base_method not in ALLOCATED_METHODS or cell.settings["uniform_twin"]:
+    return cell.base_method in ALLOCATED_METHODS and not cell.settings["uniform_twin"]
+
+
+def _twin_key(task: str, seed: int, settings: dict[str, Any]) -> tuple[str, int, str]:
+    """What a ``lora`` cell shares with an allocated cell whose twin it is: task, seed and the
+    settings that shape training."""
+    return task, seed, training_hash(settings)
+
+
+def _uniform_twin(cell: _Cell, out: Path) -> Path | None:
+    """The folder of a finished ``lora`` cell with this cell's :func:`_twin_key`, if it may take one."""
+    from .config import RUN_DEFAULTS, merge_run
+
+    if not _may_take_twin(cell):
         return None
-    want = training_hash(cell.settings)
+    want = _twin_key(cell.task, cell.seed, cell.settings)
     for record in read_jsonl(out / "results.jsonl"):
         if (record.get("task"), record.get("base_method"), record.get("seed")) != (cell.task, "lora", cell.seed):
             continue
@@ -364,7 +377,7 @@ def _uniform_twin(cell: _Cell, out: Path) -> Path | None:
             settings = merge_run(RUN_DEFAULTS, yaml.safe_load((folder / "run.yaml").read_text()) or {}, "run.yaml")
         except (OSError, SadraError, yaml.YAMLError):
             continue
-        if training_hash(settings) == want and (folder / "metrics.json").exists():
+        if _twin_key(cell.task, cell.seed, settings) == want and (folder / "metrics.json").exists():
             return folder
     return None
 

@@ -219,6 +219,8 @@ class BenchmarkConfig:
         self.tasks = [get_task(t).name for t in self.tasks]
         for m in self.methods:
             self.check_method(m)
+        # The file's own order, kept when --methods runs a subset: a folder's tables follow it.
+        self.listed_methods = list(self.methods)
         if any(s < 0 for s in self.seeds):
             raise ConfigError(f"{where}: seeds must be non-negative integers, got {self.seeds}")
         self.method_seeds = self._method_seeds(data.get("method_seeds") or {}, where)

@@ -33,11 +33,10 @@ def check_records(records: list[dict[str, Any]], source: str = "results.jsonl") 
 
 
 def grid_methods(grid: dict[str, Any]) -> list[str]:
-    """A benchmark folder's methods (its ``benchmark_config.json``) in the order first asked of it:
-    those of its ``cells``, then any other it lists. Tables follow it, so columns stay put while a
-    grid runs in phases."""
+    """A benchmark folder's methods (its ``benchmark_config.json``): those it lists, in its order,
+    then any other of its ``cells``. Tables follow it, so columns stay put while a grid runs in phases."""
     asked = [c[1] for c in grid.get("cells", []) if isinstance(c, (list, tuple)) and len(c) == 3]
-    return list(dict.fromkeys(asked + list(grid.get("methods", []))))
+    return list(dict.fromkeys(list(grid.get("methods", [])) + asked))
 
 
 def paired_stats(a: dict[int, float], b: dict[int, float]) -> dict[str, float] | None:
