@@ -30,13 +30,14 @@ from .config import METHODS
 from .io import atomic_write_text, ensure_dir, read_jsonl
 from .models import MODULE_TYPES, describe_module
 
-# Okabe-Ito: distinguishable with the common forms of colour blindness.
+# Okabe-Ito, distinguishable with the common forms of colour blindness, except its yellow, which is
+# too faint on white for a point or a thin line: sadra-seed takes Tol's wine instead.
 PALETTE = {
     "full": "#000000", "lora": "#0072B2", "sadra": "#D55E00", "sadra-fisher": "#E69F00",
-    "adalora": "#009E73", "eva": "#CC79A7", "random": "#999999", "lora-ga": "#56B4E9", "sadra-seed": "#F0E442",
+    "adalora": "#009E73", "eva": "#CC79A7", "random": "#999999", "lora-ga": "#56B4E9", "sadra-seed": "#882255",
 }
 # For arms outside the palette (study variants) in figures told apart by a legend: none near a palette colour.
-EXTRA_COLORS = ("#882255", "#117733", "#332288", "#AA4499", "#999933", "#661100", "#44AA99", "#6699CC")
+EXTRA_COLORS = ("#117733", "#332288", "#AA4499", "#999933", "#661100", "#44AA99", "#6699CC", "#DDAA33")
 
 
 def line_colors(names: Sequence[str]) -> dict[str, str]:
