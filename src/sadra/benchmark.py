@@ -161,8 +161,7 @@ def _write_grid(out: Path, cfg: BenchmarkConfig, cells: list[_Cell]) -> None:
     asked = [list(c) for c in earlier_cells if isinstance(c, list) and len(c) == 3]
     asked += [list(c.key) for c in cells if list(c.key) not in asked]
     known = grid_methods({"cells": asked, "methods": [m for m in earlier_methods if isinstance(m, str)] + cfg.methods})
-    listed = cfg.listed_methods
-    methods = sorted(known, key=lambda m: (listed.index(m), 0) if m in listed else (len(listed), known.index(m)))
+    methods = [m for m in cfg.listed_methods if m in known] + [m for m in known if m not in cfg.listed_methods]
     write_json(path, {**cfg.to_dict(), "methods": methods, "cells": asked})
 
 
