@@ -14,6 +14,8 @@ compares). Paths are relative to the repository root. Rerun it whenever a result
                                         identical, by the paired 95% interval of the main metric
   {{seeds FOLDER TASK METHOD}}          how many seeds that cell has
   {{cells FOLDER}}                      how many cells have a result
+  {{hours FOLDER}}                      the cells' wall-clock times added up, in hours (cells run side by
+                                        side overlap, so the elapsed time is shorter)
   {{uniform FOLDER METHOD...}}          "K of N": the finished cells of those methods that allocated
                                         exactly uniform LoRA's ranks
   {{figure PATH ALT...}}                an image link from the page to PATH, or a note while PATH is not drawn
@@ -153,6 +155,10 @@ def cells(root: Path, folder: str) -> str:
     return str(len({(r["task"], r["method"], r["seed"]) for r in _records(root, folder)}))
 
 
+def hours(root: Path, folder: str) -> str:
+    return f"{sum(r.get('wall_seconds') or 0.0 for r in _records(root, folder)) / 3600:.1f}"
+
+
 def uniform(root: Path, folder: str, *methods: str) -> str:
     """How many finished cells of METHODS allocated exactly uniform LoRA's ranks: "K of N"."""
     def flag(r: dict) -> bool | None:  # records older than the flag: the same ranks everywhere, LoRA's budget
@@ -191,7 +197,7 @@ def choice(root: Path, folder: str, part: str) -> str:
 
 
 FUNCTIONS = {"choice": choice, "table": table, "mean": mean, "diff": diff, "bound": bound, "verdict": verdict, "seeds": seeds,
-             "cells": cells, "json": json_value, "figure": figure, "uniform": uniform}
+             "cells": cells, "hours": hours, "json": json_value, "figure": figure, "uniform": uniform}
 
 
 def render(template: str, root: Path = ROOT, page_dir: str = "docs") -> str:

@@ -82,6 +82,16 @@ def test_a_block_template_rewrites_only_its_block(tmp_path):
     assert render.page_text(out, tmp_path) == want
 
 
+def test_hours_adds_up_the_cells_wall_clock_times(tmp_path):
+    folder = tmp_path / "results/grid"
+    folder.mkdir(parents=True)
+    lines = [{"task": "sst2", "method": "lora", "seed": 0, "wall_seconds": 5400.0},
+             {"task": "sst2", "method": "sadra", "seed": 0, "wall_seconds": 1800.0},
+             {"task": "mrpc", "method": "lora", "seed": 0}]  # a record without the field adds nothing
+    (folder / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert render.render("{{hours results/grid}}", tmp_path) == "2.0"
+
+
 def test_uniform_counts_the_cells_whose_allocation_was_uniform(tmp_path):
     folder = tmp_path / "results/grid"
     folder.mkdir(parents=True)
