@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from sadra.data import get_task
 from sadra.lm import answer_log_probs, answer_token_ids, encode_prompts, prompt_predictions
 from sadra.models import find_targets, load_model
@@ -117,3 +117,32 @@ def test_probe_and_peft_export_for_smollm2_from_the_cli(glue_dir, tmp_path):
     config = LoraConfig.from_pretrained(str(folder))
     model = get_peft_model(load_model("smollm2", task="causal-lm")[0], config)  # a fresh copy: no shared state
     assert lora_ranks(model) == {k.strip("^$").replace("\\.", "."): r for k, r in config.rank_pattern.items()}
+
+
+def test_a_benchmark_scores_the_untrained_model_once_per_set_of_evaluation_rows(glue_dir, tmp_path):
+    """The second prompt cell of a folder takes the first one's zero-shot metrics instead of scoring the
+    same rows again; a run that scores them itself (another method and seed) gets the same figures; and a
+    source that scored other rows is refused with a one-line error before the model loads."""
+    small = ["max_train_samples=8", "max_eval_samples=16", "max_length=48", "train.batch_size=8",
+             "train.eval_batch_size=16", "train.threads=1"]
+    out = tmp_path / "grid"
+    proc = run_cli("benchmark", "--preset", "cpu-llm", "--methods", "lora", "--seeds", 0, 1, "--out", out,
+                   "--glue-dir", glue_dir, "--quiet", *small, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = (json.loads((out / f"sst2-lm/lora/seed{k}/metrics.json").read_text()) for k in (0, 1))
+    assert "zero_shot_from" not in first and second["zero_shot_from"] == "sst2-lm/lora/seed0"
+    assert second["zero_shot_metrics"] == first["zero_shot_metrics"]
+    assert "zeroshot_runtime" in (out / "sst2-lm/lora/seed0/cell.log").read_text()
+    assert "zeroshot_runtime" not in (out / "sst2-lm/lora/seed1/cell.log").read_text()
+
+    alone = tmp_path / "alone"
+    proc = run_cli("train", "--task", "sst2-lm", "--model", "smollm2", "--method", "random", "--seed", 3,
+                   "--out", alone, "--glue-dir", glue_dir, "--quiet", *small, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scored = json.loads((alone / "metrics.json").read_text())["zero_shot_metrics"]
+    assert scored == pytest.approx(first["zero_shot_metrics"], rel=1e-6)
+
+    proc = run_cli("train", "--task", "sst2-lm", "--model", "smollm2", "--method", "lora", "--out", tmp_path / "bad",
+                   "--glue-dir", glue_dir, *small[:1], "max_eval_samples=8", *small[2:],
+                   f"zero_shot_from={out / 'sst2-lm/lora/seed0'}", timeout=120)
+    assert_one_line_error(proc, "zero_shot_from", "evaluation rows")

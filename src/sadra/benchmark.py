@@ -30,7 +30,7 @@ from typing import Any, ContextManager
 import yaml
 
 from . import __version__
-from .config import NOT_IDENTITY, BenchmarkConfig, settings_hash, training_hash
+from .config import NOT_IDENTITY, BenchmarkConfig, settings_hash, training_hash, zero_shot_key
 from .errors import ConfigError, SadraError
 from .io import append_jsonl, atomic_write_text, ensure_dir, read_json, read_jsonl, write_json
 
@@ -324,8 +324,9 @@ def _run_cell(cell: _Cell, cfg: BenchmarkConfig, out: Path, progress: bool, echo
     if record is not None:
         return record
     ensure_dir(cell.folder, "run folder")
-    twin = _uniform_twin(cell, out)
-    settings = {**cell.settings, "uniform_twin": str(twin) if twin else cell.settings["uniform_twin"]}
+    twin, zero_shot = _uniform_twin(cell, out), _zero_shot_source(cell, out)
+    settings = {**cell.settings, "uniform_twin": str(twin) if twin else cell.settings["uniform_twin"],
+                "zero_shot_from": str(zero_shot) if zero_shot else cell.settings["zero_shot_from"]}
     atomic_write_text(cell.folder / "run.yaml", yaml.safe_dump(settings, sort_keys=False))
     cmd = [sys.executable, "-m", "sadra", "train", "--task", cell.task, "--method", cell.base_method,
            "--seed", str(cell.seed), "--config", str(cell.folder / "run.yaml"), "--out", str(cell.folder),
@@ -363,8 +364,6 @@ def _twin_key(task: str, seed: int, settings: dict[str, Any]) -> tuple[str, int,
 
 def _uniform_twin(cell: _Cell, out: Path) -> Path | None:
     """The folder of a finished ``lora`` cell with this cell's :func:`_twin_key`, if it may take one."""
-    from .config import RUN_DEFAULTS, merge_run
-
     if not _may_take_twin(cell):
         return None
     want = _twin_key(cell.task, cell.seed, cell.settings)
@@ -372,13 +371,40 @@ def _uniform_twin(cell: _Cell, out: Path) -> Path | None:
         if (record.get("task"), record.get("base_method"), record.get("seed")) != (cell.task, "lora", cell.seed):
             continue
         folder = run_dir(out, cell.task, record["method"], cell.seed)
-        try:
-            settings = merge_run(RUN_DEFAULTS, yaml.safe_load((folder / "run.yaml").read_text()) or {}, "run.yaml")
-        except (OSError, SadraError, yaml.YAMLError):
-            continue
-        if _twin_key(cell.task, cell.seed, settings) == want and (folder / "metrics.json").exists():
+        settings = _run_settings(folder)
+        if settings is not None and _twin_key(cell.task, cell.seed, settings) == want:
             return folder
     return None
+
+
+def _zero_shot_source(cell: _Cell, out: Path) -> Path | None:
+    """For a prompt task, the folder of a finished cell that scored the untrained model on the same
+    rows (:func:`zero_shot_key`): this cell takes its zero-shot metrics instead of scoring them again."""
+    from .data import get_task
+
+    if not get_task(cell.task).is_prompt or cell.settings["zero_shot_from"]:
+        return None
+    want = zero_shot_key(cell.task, cell.settings)
+    for record in read_jsonl(out / "results.jsonl"):
+        if record.get("task") != cell.task or "zero_shot_metrics" not in record:
+            continue
+        folder = run_dir(out, cell.task, record["method"], record["seed"])
+        settings = _run_settings(folder)
+        if settings is not None and zero_shot_key(cell.task, settings) == want:
+            return folder
+    return None
+
+
+def _run_settings(folder: Path) -> dict[str, Any] | None:
+    """The settings a finished run folder ran with (its run.yaml), or None if it has no readable ones."""
+    from .config import RUN_DEFAULTS, merge_run
+
+    if not (folder / "metrics.json").exists():
+        return None
+    try:
+        return merge_run(RUN_DEFAULTS, yaml.safe_load((folder / "run.yaml").read_text()) or {}, "run.yaml")
+    except (OSError, SadraError, yaml.YAMLError):
+        return None
 
 
 # Set in a cell process's environment: the benchmark that started it (see end_with_benchmark).

@@ -36,7 +36,7 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 # Settings that say where things are, not what runs: they do not change a cell's identity.
-NOT_IDENTITY = ("glue_dir", "cell_timeout", "uniform_twin")
+NOT_IDENTITY = ("glue_dir", "cell_timeout", "uniform_twin", "zero_shot_from")
 # What uniform LoRA does not read: two cells alike in everything else train the same adapter
 # whenever their ranks are alike.
 _NOT_TRAINING = NOT_IDENTITY + ("probe", "allocate", "eva", "adalora", "probe_file", "allocation_file")
@@ -56,6 +56,15 @@ def settings_hash(settings: dict[str, Any], base_method: str) -> str:
 def training_hash(settings: dict[str, Any]) -> str:
     """The settings hash of what uniform LoRA reads of ``settings``."""
     return settings_hash({k: v for k, v in settings.items() if k not in _NOT_TRAINING}, "lora")
+
+
+def zero_shot_key(task: str, settings: dict[str, Any]) -> str:
+    """What a prompt task's zero-shot score reads: the model and the evaluation rows (and how they
+    are batched). Two runs alike in it score the untrained model identically, whatever they train."""
+    keys = ("model", "trust_remote_code", "max_length", "eval_split", "max_eval_samples", "data_seed",
+            "min_train_words")
+    read = {"task": task, **{k: settings[k] for k in keys}, "eval_batch_size": settings["train"]["eval_batch_size"]}
+    return hashlib.sha256(json.dumps(read, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def method_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:

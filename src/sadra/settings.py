@@ -180,6 +180,10 @@ class RunSettings:
                                        "that very adapter (every module at lora.r, same alpha, PEFT's init), the "
                                        "run takes that run's results instead of training the same adapter again "
                                        "(the benchmark sets it)", optional=str)
+    zero_shot_from: str | None = setting(None, "prompt tasks: the folder of a finished run of the same task, "
+                                         "model and evaluation rows; this run takes its zero-shot metrics (the "
+                                         "untrained model's, which do not depend on the method or seed) instead "
+                                         "of scoring the evaluation rows again (the benchmark sets it)", optional=str)
     train: TrainSettings = group(TrainSettings, "training")
     lora: LoraSettings = group(LoraSettings, "uniform LoRA and the budget")
     probe: ProbeSettings = group(ProbeSettings, "the calibration probe")

@@ -34,7 +34,7 @@ import yaml
 
 from . import __version__
 from .allocate import uniform_budget
-from .config import RUN_DEFAULTS, check_method, merge_run, method_settings, training_hash
+from .config import RUN_DEFAULTS, check_method, merge_run, method_settings, training_hash, zero_shot_key
 from .data import calibration_batches, get_task, load_glue, min_words, split_selection, subsample, tokenize
 from .errors import ConfigError, CurvatureError
 from .io import atomic_write_text, ensure_dir, read_json, read_text, write_json
@@ -267,13 +267,14 @@ def run_glue(task: str, method: str, seed: int, out_dir: str | Path, settings: M
     ctx = _prepare(method, settings, out_dir, {"task": spec.name, "seed": seed}, progress, preset,
                    "CAUSAL_LM" if spec.is_prompt else PEFT_TASK_TYPE)
     st = ctx.settings
+    score_zero_shot = spec.is_prompt and not _take_zero_shot(ctx, spec.name)
     train_rows, eval_splits, main_split = glue_rows(spec, st)
     job = (_prompt_job if spec.is_prompt else _classifier_job)(spec, st, seed, train_rows, eval_splits)
     eval_ds = job.eval_ds
     trainer, train_model, timing = _train(ctx, job.model, job.make_batches, job.train_ds,
                                           eval_ds[main_split] if len(eval_ds) == 1 else eval_ds, job.collator,
                                           job.compute_metrics, preprocess=job.preprocess,
-                                          zero_shot=eval_ds[main_split] if spec.is_prompt else None)
+                                          zero_shot=eval_ds[main_split] if score_zero_shot else None)
     if trainer is None:
         return _twin_result(ctx, spec.name, timing)
     eval_start = time.perf_counter()
@@ -297,13 +298,34 @@ def run_glue(task: str, method: str, seed: int, out_dir: str | Path, settings: M
     return record
 
 
+def _finished_run(folder: Path, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A finished run's record and the settings it ran with."""
+    record = read_json(folder / "metrics.json", f"{what}'s metrics")
+    ran = yaml.safe_load(read_text(folder / "config.yaml", f"{what}'s config")) or {}
+    ran = merge_run(RUN_DEFAULTS, {k: v for k, v in ran.items() if k not in ("task", "seed", "method")}, "config.yaml")
+    return record, ran
+
+
+def _take_zero_shot(ctx: RunContext, task: str) -> bool:
+    """Take ``zero_shot_from``'s zero-shot metrics into ``ctx.info``, checked to score the same model on
+    the same rows; False when it is unset. Checked before the model loads, so a wrong folder costs nothing."""
+    if not ctx.settings["zero_shot_from"]:
+        return False
+    source = Path(ctx.settings["zero_shot_from"])
+    record, ran = _finished_run(source, "the zero-shot source")
+    if record.get("task") != task or "zero_shot_metrics" not in record \
+            or zero_shot_key(task, ran) != zero_shot_key(task, ctx.settings):
+        raise ConfigError(f"zero_shot_from {str(source)!r} is not a finished {task} run of this model on these "
+                          "evaluation rows; point it at one, or leave it unset to score them here")
+    ctx.info.update(zero_shot_metrics=record["zero_shot_metrics"], zero_shot_from="/".join(source.parts[-3:]))
+    return True
+
+
 def _twin_result(ctx: RunContext, task: str, timing: Mapping[str, float]) -> dict[str, Any]:
     """The record of a run whose allocation built uniform LoRA's adapter: its uniform twin's results
     (metrics, training log, adapter), with this run's method, allocation and calibration time."""
     twin = Path(ctx.settings["uniform_twin"])
-    record = read_json(twin / "metrics.json", "the uniform twin's metrics")
-    ran = yaml.safe_load(read_text(twin / "config.yaml", "the uniform twin's config")) or {}
-    ran = merge_run(RUN_DEFAULTS, {k: v for k, v in ran.items() if k not in ("task", "seed", "method")}, "config.yaml")
+    record, ran = _finished_run(twin, "the uniform twin")
     if (record.get("task"), record.get("method"), record.get("seed")) != (task, "lora", ctx.seed) \
             or training_hash(ran) != training_hash(ctx.settings):
         raise ConfigError(f"uniform_twin {str(twin)!r} is not a finished {task} lora run of seed {ctx.seed} with "
