@@ -121,6 +121,17 @@ def test_arms_outside_the_palette_get_distinct_line_colours():
     assert not set(EXTRA_COLORS) & set(PALETTE.values())
 
 
+def test_rank_heatmap_title_names_the_uniform_rank_the_allocations_replace():
+    from sadra.report import _uniform_caption
+
+    r2 = {"base_rank": 2, "budget": 610_560}
+    assert _uniform_caption([r2, dict(r2)]) == "uniform LoRA = rank 2 everywhere, budget 610,560 parameters"
+    # EVA's and AdaLoRA's files name no base rank: they take the others'.
+    assert _uniform_caption([r2, {"budget": 610_560}, {}]) == _uniform_caption([r2])
+    mixed = [{"base_rank": 8, "budget": 331_776}, r2, {"base_rank": 16, "budget": 663_552}]
+    assert _uniform_caption(mixed) == "each panel at the budget of its own uniform LoRA (r=2, 8, 16)"
+
+
 def test_cost_table_leaves_resumed_runs_out_of_the_times():
     """Real selection-study records: a run resumed from a checkpoint times only its last steps."""
     from pathlib import Path

@@ -173,6 +173,17 @@ def _loss_curves(folder: Path, task: str, methods: list[str], seeds: dict[str, l
     return out
 
 
+def _uniform_caption(allocations: list[dict]) -> str:
+    """What uniform LoRA would be for these panels: one rank and budget when they share them (an
+    allocation that does not record them, EVA's or AdaLoRA's, shares the others'), else per panel."""
+    ranks = {a["base_rank"] for a in allocations if a.get("base_rank")}
+    budgets = {a["budget"] for a in allocations if a.get("budget")}
+    if len(ranks) > 1 or len(budgets) > 1:
+        return "each panel at the budget of its own uniform LoRA (r=" + ", ".join(map(str, sorted(ranks))) + ")"
+    text = f"uniform LoRA = rank {ranks.pop()} everywhere" if ranks else "uniform LoRA: the same rank everywhere"
+    return text + (f", budget {budgets.pop():,} parameters" if budgets else "")
+
+
 def _rank_heatmaps(folder: Path, task: str, methods: list[str], seed: int, out: Path) -> Path | None:
     panels = []
     for method in methods:
@@ -193,9 +204,8 @@ def _rank_heatmaps(folder: Path, task: str, methods: list[str], seed: int, out: 
         params = sum(r * sum(shapes[n]) for n, r in alloc["ranks"].items() if n in shapes)
         im = _draw_heatmap(ax, alloc["ranks"], f"{label}\n{params:,} params", vmax=vmax)
     fig.colorbar(im, ax=axes[0].tolist(), label="rank", shrink=0.8)
-    budget = next((a.get("budget") for _, a in panels if a.get("budget")), None)
-    fig.suptitle(f"{task}: LoRA rank per module (seed {seed}); uniform LoRA = rank 8 everywhere"
-                 + (f", budget {budget:,} parameters" if budget else ""), fontsize=10, y=1.09)
+    fig.suptitle(f"{task}: LoRA rank per module (seed {seed}); {_uniform_caption([a for _, a in panels])}",
+                 fontsize=10, y=1.09)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
