@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 import yaml
 
@@ -366,15 +366,9 @@ def _uniform_twin(cell: _Cell, out: Path) -> Path | None:
     """The folder of a finished ``lora`` cell with this cell's :func:`_twin_key`, if it may take one."""
     if not _may_take_twin(cell):
         return None
-    want = _twin_key(cell.task, cell.seed, cell.settings)
-    for record in read_jsonl(out / "results.jsonl"):
-        if (record.get("task"), record.get("base_method"), record.get("seed")) != (cell.task, "lora", cell.seed):
-            continue
-        folder = run_dir(out, cell.task, record["method"], cell.seed)
-        settings = _run_settings(folder)
-        if settings is not None and _twin_key(cell.task, cell.seed, settings) == want:
-            return folder
-    return None
+    return _finished_folder(
+        out, lambda r: (r.get("task"), r.get("base_method"), r.get("seed")) == (cell.task, "lora", cell.seed),
+        lambda settings: _twin_key(cell.task, cell.seed, settings), _twin_key(cell.task, cell.seed, cell.settings))
 
 
 def _zero_shot_source(cell: _Cell, out: Path) -> Path | None:
@@ -384,27 +378,28 @@ def _zero_shot_source(cell: _Cell, out: Path) -> Path | None:
 
     if not get_task(cell.task).is_prompt or cell.settings["zero_shot_from"]:
         return None
-    want = zero_shot_key(cell.task, cell.settings)
-    for record in read_jsonl(out / "results.jsonl"):
-        if record.get("task") != cell.task or "zero_shot_metrics" not in record:
-            continue
-        folder = run_dir(out, cell.task, record["method"], record["seed"])
-        settings = _run_settings(folder)
-        if settings is not None and zero_shot_key(cell.task, settings) == want:
-            return folder
-    return None
+    return _finished_folder(out, lambda r: r.get("task") == cell.task and "zero_shot_metrics" in r,
+                            lambda settings: zero_shot_key(cell.task, settings), zero_shot_key(cell.task, cell.settings))
 
 
-def _run_settings(folder: Path) -> dict[str, Any] | None:
-    """The settings a finished run folder ran with (its run.yaml), or None if it has no readable ones."""
+def _finished_folder(out: Path, takes: Callable[[dict], bool], key: Callable[[dict], Any], want: Any) -> Path | None:
+    """The run folder of the first record of ``out`` that ``takes`` accepts and whose run ran with
+    settings of ``key`` ``want`` (read from its run.yaml; folders without readable ones are passed over)."""
     from .config import RUN_DEFAULTS, merge_run
 
-    if not (folder / "metrics.json").exists():
-        return None
-    try:
-        return merge_run(RUN_DEFAULTS, yaml.safe_load((folder / "run.yaml").read_text()) or {}, "run.yaml")
-    except (OSError, SadraError, yaml.YAMLError):
-        return None
+    for record in read_jsonl(out / "results.jsonl"):
+        if not takes(record):
+            continue
+        folder = run_dir(out, record["task"], record["method"], record["seed"])
+        if not (folder / "metrics.json").exists():
+            continue
+        try:
+            settings = merge_run(RUN_DEFAULTS, yaml.safe_load((folder / "run.yaml").read_text()) or {}, "run.yaml")
+        except (OSError, SadraError, yaml.YAMLError):
+            continue
+        if key(settings) == want:
+            return folder
+    return None
 
 
 # Set in a cell process's environment: the benchmark that started it (see end_with_benchmark).

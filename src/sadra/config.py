@@ -64,7 +64,7 @@ def zero_shot_key(task: str, settings: dict[str, Any]) -> str:
     keys = ("model", "trust_remote_code", "max_length", "eval_split", "max_eval_samples", "data_seed",
             "min_train_words")
     read = {"task": task, **{k: settings[k] for k in keys}, "eval_batch_size": settings["train"]["eval_batch_size"]}
-    return hashlib.sha256(json.dumps(read, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return settings_hash(read, "zero-shot")
 
 
 def method_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
